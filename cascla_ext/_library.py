@@ -1,0 +1,51 @@
+"""Loads the native library (csrc/, built by CMake) into torch.ops.cascla_ext."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+LIBRARY_NAME = "libcascla_ops.so"
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = [here / LIBRARY_NAME]
+    # Editable installs keep the Python sources here and the built library in
+    # site-packages/cascla_ext; look there too.
+    for entry in sys.path:
+        if entry:
+            found.append(Path(entry) / "cascla_ext" / LIBRARY_NAME)
+    return found
+
+
+def library_path() -> Path:
+    override = os.environ.get("CASCLA_EXT_LIBRARY")
+    if override:
+        return Path(override)
+    for path in _candidates():
+        if path.is_file():
+            return path
+    raise ImportError(
+        f"cascla_ext: the native library {LIBRARY_NAME} was not found next to the package. "
+        "Build it with `pip install --no-build-isolation .` (torch must be installed first)."
+    )
+
+
+def load() -> Path:
+    path = library_path()
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as err:
+        from . import _build_info_or_none
+
+        info = _build_info_or_none()
+        built = info.TORCH_VERSION if info else "an unknown torch"
+        raise ImportError(
+            f"cascla_ext: could not load {path} ({err}). It was built against torch {built}; "
+            f"this is torch {torch.__version__}. Rebuild with `pip install --no-build-isolation .`"
+        ) from err
+    return path

@@ -1,0 +1,129 @@
+"""The fused ops: typed Python entry points, fake (meta) implementations for
+``torch.compile``, and autograd. Schemas: ``csrc/ops.cpp``; kernels:
+``csrc/cpu/`` and ``csrc/cuda/``; the math: ``../shared/spec/ops.md``;
+pure-PyTorch twins with the same signatures: :mod:`cascla_ext.reference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["perturbed_gru"]
+
+
+def _as_lengths(lengths: Tensor | Sequence[int] | None) -> Tensor | None:
+    if lengths is None or isinstance(lengths, Tensor):
+        return lengths
+    return torch.as_tensor(list(lengths), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------
+# 1. perturbed_gru
+
+
+def perturbed_gru(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    rho: Tensor | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One GRU direction with perturbations ``rho`` added inside the gates.
+
+    Args:
+        x: (T, B, D) time-major input.
+        h0: (B, H) initial state.
+        w_ih, w_hh: (3H, D) and (3H, H) weights, gates in PyTorch's order r, z, n.
+        b_ih, b_hh: (3H,) biases, or None for none.
+        rho: (T, B, 3H) perturbation of the gate pre-activations, or None (= 0).
+        lengths: (B,) integer lengths in [0, T] (CPU or x's device), or None (= all T).
+        reverse: visit each sequence's valid steps from last to first.
+
+    Returns:
+        ``(y, h_n)``: y (T, B, H) the state after each valid step, 0 at padded
+        steps; h_n (B, H) the state after the last step visited (h0 where the
+        length is 0). Gradients flow to x, h0, the weights, the biases and rho.
+        With rho = 0 it equals ``torch.nn.GRU``.
+    """
+    y, h_n, _ = torch.ops.cascla_ext.perturbed_gru.default(
+        x, h0, w_ih, w_hh, b_ih, b_hh, rho, _as_lengths(lengths), bool(reverse)
+    )
+    return y, h_n
+
+
+@torch.library.register_fake("cascla_ext::perturbed_gru")
+def _perturbed_gru_fake(x, h0, w_ih, w_hh, b_ih, b_hh, rho, lengths, reverse):
+    torch._check(x.dim() == 3, lambda: "perturbed_gru: expected x of shape (T, B, D)")
+    torch._check(h0.dim() == 2, lambda: "perturbed_gru: expected h0 of shape (B, H)")
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, 4 * H)
+
+
+@torch.library.register_fake("cascla_ext::perturbed_gru_backward")
+def _perturbed_gru_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, reverse, y, saved):
+    T, B, D = x.shape
+    H = h0.shape[1]
+    return (
+        x.new_empty(T, B, D),
+        x.new_empty(B, H),
+        x.new_empty(3 * H, D),
+        x.new_empty(3 * H, H),
+        x.new_empty(3 * H),
+        x.new_empty(3 * H),
+        x.new_empty(T, B, 3 * H),
+    )
+
+
+def _perturbed_gru_setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, rho, lengths, reverse = inputs
+    y, _, saved = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, y, saved)
+    ctx.reverse = reverse
+    ctx.has_b_ih, ctx.has_b_hh, ctx.has_rho = b_ih is not None, b_hh is not None, rho is not None
+    ctx.mark_non_differentiable(saved)
+
+
+def _perturbed_gru_backward(ctx, grad_y, grad_h_n, _grad_saved):
+    x, h0, w_ih, w_hh, lengths, y, saved = ctx.saved_tensors
+    gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh, grho = torch.ops.cascla_ext.perturbed_gru_backward.default(
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, ctx.reverse, y, saved
+    )
+    return (
+        gx,
+        gh0,
+        gw_ih,
+        gw_hh,
+        gb_ih if ctx.has_b_ih else None,
+        gb_hh if ctx.has_b_hh else None,
+        grho if ctx.has_rho else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "cascla_ext::perturbed_gru",
+    _perturbed_gru_backward,
+    setup_context=_perturbed_gru_setup_context,
+)
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{op}: double backward (a gradient of the gradient) is not supported by the fused "
+            f"kernel; use cascla_ext.reference.{op.split('::')[1].removesuffix('_backward')} for that"
+        )
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_no_double_backward("cascla_ext::perturbed_gru_backward")

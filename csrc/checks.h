@@ -1,0 +1,78 @@
+// Argument checks shared by every op. Each error names the op, the argument
+// and what was expected, and is raised as a Python exception (never a crash).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace cascla {
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  if (s.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+// Shape check with -1 as "any size"; `expected_desc` says where sizes come from.
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        std::vector<int64_t> expected, const char* expected_desc) {
+  bool ok = t.dim() == static_cast<int64_t>(expected.size());
+  for (size_t i = 0; ok && i < expected.size(); ++i)
+    ok = expected[i] < 0 || t.size(i) == expected[i];
+  if (!ok) {
+    std::ostringstream want;
+    want << "(";
+    for (size_t i = 0; i < expected.size(); ++i) {
+      want << (i ? ", " : "");
+      if (expected[i] < 0) want << "*"; else want << expected[i];
+    }
+    if (expected.size() == 1) want << ",";
+    want << ")";
+    TORCH_CHECK_VALUE(false, op, ": expected ", name, " of shape ", want.str(), " ",
+                      expected_desc, ", got ", shape_str(t.sizes()));
+  }
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                   ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t,
+                       const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": expected ", name,
+                   " to have the dtype of ", ref_name, " (", ref.scalar_type(), "), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": expected ", name,
+                    " on the device of ", ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+// Integer lengths on the CPU or on `device`, each in [0, max_len]; returned as
+// contiguous int64 on `device`. Checking the values on a GPU costs one sync.
+inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t batch,
+                                  int64_t max_len, at::Device device) {
+  TORCH_CHECK_TYPE(!at::isFloatingType(lengths.scalar_type()) &&
+                       !at::isComplexType(lengths.scalar_type()) &&
+                       lengths.scalar_type() != at::kBool,
+                   op, ": expected lengths to be an integer tensor (int64), got ",
+                   lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.device().is_cpu() || lengths.device() == device, op,
+                    ": expected lengths on the CPU or on ", device, ", got ", lengths.device());
+  check_shape(op, "lengths", lengths, {batch}, "(B,)");
+  if (batch > 0) {
+    auto [lo, hi] = at::aminmax(lengths);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= max_len, op,
+                      ": expected every lengths[b] in [0, T] = [0, ", max_len,
+                      "], got values in [", lo_v, ", ", hi_v, "]");
+  }
+  return lengths.to(device, at::kLong).contiguous();
+}
+
+}  // namespace cascla
