@@ -1,0 +1,36 @@
+"""Shared test fixtures: devices to run on, tolerances, and skip reasons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cascla_ext
+
+CUDA_OK = torch.cuda.is_available() and cascla_ext.build_info()["cuda_kernels_registered"]
+if not torch.cuda.is_available():
+    CUDA_SKIP_REASON = "no CUDA GPU on this machine"
+elif not CUDA_OK:
+    CUDA_SKIP_REASON = "cascla_ext was built without CUDA kernels (CASCLA_CUDA=off or no toolkit)"
+else:
+    CUDA_SKIP_REASON = ""
+
+requires_cuda = pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every test that takes `device` runs on the CPU and, where there is one, a CUDA GPU."""
+    return request.param
+
+
+def assert_close(actual, expected, dtype=None, *, atol=None, rtol=None, msg=""):
+    """Per-dtype tolerances: float64 is checked tightly, float32 loosely."""
+    dtype = dtype or expected.dtype
+    if atol is None:
+        atol = 1e-10 if dtype == torch.float64 else 2e-5
+    if rtol is None:
+        rtol = 1e-8 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
