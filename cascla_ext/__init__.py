@@ -6,22 +6,11 @@ pure-PyTorch twins), ``cascla_ext.nn`` (modules built on the ops).
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import torch
 
+from . import _library
+
 __version__ = "0.1.0"
-
-
-def _build_info_or_none() -> ModuleType | None:
-    try:
-        return importlib.import_module("cascla_ext._build_info")
-    except ImportError:
-        return None
-
-
-from . import _library  # noqa: E402
 
 _LIBRARY_PATH = _library.load()
 
@@ -34,7 +23,7 @@ def build_info() -> dict:
     ``cuda`` says whether CUDA kernels were compiled; ``cuda_kernels_registered``
     checks the loaded library (it is what the dispatcher will actually use).
     """
-    info = _build_info_or_none()
+    info = _library.build_info_module(_LIBRARY_PATH)
     archs = info.CUDA_ARCHS if info else ""
     return {
         "version": __version__,

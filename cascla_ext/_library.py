@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -35,14 +37,23 @@ def library_path() -> Path:
     )
 
 
+def build_info_module(path: Path) -> ModuleType | None:
+    """The _build_info.py that CMake wrote next to the library at ``path``."""
+    info = path.parent / "_build_info.py"
+    if not info.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("cascla_ext._build_info", info)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load() -> Path:
     path = library_path()
     try:
         torch.ops.load_library(str(path))
     except OSError as err:
-        from . import _build_info_or_none
-
-        info = _build_info_or_none()
+        info = build_info_module(path)
         built = info.TORCH_VERSION if info else "an unknown torch"
         raise ImportError(
             f"cascla_ext: could not load {path} ({err}). It was built against torch {built}; "

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build the package against that machine's torch
+# (pip install --no-build-isolation --no-deps .), run the whole test suite (CUDA
+# tests included) and the CUDA benchmarks, and leave logs and JSON under $OUT.
+#   tools/gpu_check.sh [pytest -k expression for benchmarks]
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+py=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+} 2>&1 | tee "$OUT/device.txt"
+
+start=$(date +%s)
+if ! "$py" -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+grep -E "cascla-ext:" "$OUT/build.log"
+cd /tmp  # import the installed package, not the source tree
+"$py" -c 'import cascla_ext, json; print(json.dumps(cascla_ext.build_info()))' | tee "$OUT/build_info.json"
+cd - >/dev/null
+
+start=$(date +%s)
+"$py" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+rc=$?
+echo "tests: rc=$rc, $(( $(date +%s) - start )) s"; tail -25 "$OUT/tests.log"
+
+bench_k=${1:-cuda}
+start=$(date +%s)
+"$py" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider -k "$bench_k" \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds \
+  --benchmark-sort=name >"$OUT/bench.log" 2>&1
+echo "benchmarks: rc=$?, $(( $(date +%s) - start )) s"
+grep -E "^test_|^Name|benchmark '" "$OUT/bench.log" | cut -c1-150
+exit $rc
