@@ -53,7 +53,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_forward(
     const std::optional<at::Tensor>& lengths, bool reverse,
     GruForwardRecurrence recurrence) {
   const auto [T, B, D, H] = check_gru_args(kOp, x, h0, w_ih, w_hh);
-  c10::DeviceGuard guard(x.device());
 
   GruForwardState s;
   s.reverse = reverse;
@@ -67,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_forward(
   }
   if (lengths.has_value() && lengths->defined())
     s.lengths = checked_lengths(kOp, *lengths, B, T, x.device());
+  c10::DeviceGuard guard(x.device());
 
   // One GEMM for the input projections of every step.
   s.gi = at::mm(x.reshape({T * B, D}), w_ih.t()).view({T, B, 3 * H});
@@ -92,7 +92,6 @@ perturbed_gru_backward(
   check_same(kBwd, "grad_h_n", grad_h_n, "x", x);
   check_same(kBwd, "y", y, "x", x);
   check_same(kBwd, "saved", saved, "x", x);
-  c10::DeviceGuard guard(x.device());
 
   GruBackwardState s;
   s.reverse = reverse;
@@ -103,6 +102,7 @@ perturbed_gru_backward(
   s.saved = saved.contiguous();
   if (lengths.has_value() && lengths->defined())
     s.lengths = checked_lengths(kBwd, *lengths, B, T, x.device());
+  c10::DeviceGuard guard(x.device());
   s.dh = grad_h_n.contiguous().clone();
   s.dgi = at::empty({T, B, 3 * H}, x.options());
   s.dgh = at::empty({T, B, 3 * H}, x.options());

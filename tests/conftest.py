@@ -15,6 +15,10 @@ elif not CUDA_OK:
 else:
     CUDA_SKIP_REASON = ""
 
+# Comparisons against cuDNN / cuBLAS must see full float32 arithmetic, not TF32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 requires_cuda = pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]

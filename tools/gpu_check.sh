@@ -23,10 +23,17 @@ cd /tmp  # import the installed package, not the source tree
 "$py" -c 'import cascla_ext, json; print(json.dumps(cascla_ext.build_info()))' | tee "$OUT/build_info.json"
 cd - >/dev/null
 
-start=$(date +%s)
-"$py" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
-rc=$?
-echo "tests: rc=$rc, $(( $(date +%s) - start )) s"; tail -25 "$OUT/tests.log"
+# A crash in one file must not hide the others: one pytest run per file.
+start=$(date +%s); rc=0
+for f in tests/test_*.py; do
+  name=$(basename "$f" .py)
+  "$py" -X faulthandler -m pytest "$f" -q -rs -p no:cacheprovider --tb=short \
+    --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1
+  frc=$?; [ $frc -ne 0 ] && rc=$frc
+  echo "$name: rc=$frc $(tail -1 "$OUT/$name.log")"
+  [ $frc -ne 0 ] && grep -E "^FAILED|^ERROR|Error|Fatal|assert" "$OUT/$name.log" | head -12
+done
+echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 
 bench_k=${1:-cuda}
 start=$(date +%s)

@@ -1,9 +1,15 @@
-// perturbed_gru, CUDA: per step one cuBLAS GEMM (W_hh h) and one fused gate
-// kernel that saves what the backward needs, all on the current stream (the
-// structure of lmnt-com/haste). The CPU twin is csrc/cpu/perturbed_gru.cpp.
+// perturbed_gru, CUDA. The driver (csrc/perturbed_gru.cpp) does one GEMM for
+// the input projections of all steps and, after the backward recurrence, the
+// large GEMMs for the gradients of x and the weights. Here, per step, ONE
+// kernel does the recurrent GEMM (W_hh h for its tile of hidden units and
+// sequences, from shared memory) and the gate math, and saves what the
+// backward needs: haste's structure with the per-step GEMM and gate kernel
+// fused, so a step costs one launch. The backward kernel of step t first adds
+// W_hh^T (d gh of the previous step) to the carried gradient, then runs the
+// gate backward; a last call adds the final W_hh^T d gh to grad h0.
+// All on the current stream. The CPU twin is csrc/cpu/perturbed_gru.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <cublas_v2.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,94 +20,142 @@
 namespace cascla {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kBT = 32;  // sequences per block (threadIdx.x: a warp spans sequences)
+constexpr int kJT = 4;   // hidden units per block (threadIdx.y)
+constexpr int kKC = 32;  // reduction chunk staged in shared memory
+constexpr int kThreads = kBT * kJT;
 
-inline unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>((n + kThreads - 1) / kThreads);
-}
-
-// Column-major C = alpha op(A) op(B) + beta C on torch's cuBLAS handle (which
-// is bound to the current stream).
-inline void check_cublas(cublasStatus_t status) {
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "perturbed_gru: cuBLAS error ",
-              cublasGetStatusString(status));
-}
-inline void gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                 int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta,
-                 float* c, int ldc) {
-  check_cublas(cublasSgemm(handle, ta, tb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc));
-}
-inline void gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                 int k, double alpha, const double* a, int lda, const double* b, int ldb,
-                 double beta, double* c, int ldc) {
-  check_cublas(cublasDgemm(handle, ta, tb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc));
+dim3 step_grid(int64_t B, int64_t H) {
+  return dim3(static_cast<unsigned>((H + kJT - 1) / kJT), static_cast<unsigned>((B + kBT - 1) / kBT));
 }
 
-// One thread per (b, j). gh is W_hh h for this step (no bias).
+// Forward step t. Thread (tb, tj) owns sequence b and hidden unit j: it
+// accumulates (W_hr h)_j, (W_hz h)_j, (W_hn h)_j over k in chunks staged in
+// shared memory, then applies the gates. h_in is read by every block, so
+// the new state goes to h_out (ping-pong buffers).
 template <typename scalar_t>
-__global__ void forward_step_kernel(int64_t B, int64_t H, int64_t t,
-                                    const scalar_t* __restrict__ gi,
-                                    const scalar_t* __restrict__ gh,
-                                    const scalar_t* __restrict__ b_ih,
-                                    const scalar_t* __restrict__ b_hh,
-                                    const scalar_t* __restrict__ rho,
-                                    const int64_t* __restrict__ len,
-                                    scalar_t* __restrict__ h, scalar_t* __restrict__ y,
-                                    scalar_t* __restrict__ saved) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * H) return;
-  const int64_t b = idx / H, j = idx % H;
-  const int64_t tb = t * B + b;
-  scalar_t* sv = saved + tb * 4 * H;
+__global__ void __launch_bounds__(kThreads)
+forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
+                    const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ b_ih,
+                    const scalar_t* __restrict__ b_hh, const scalar_t* __restrict__ rho,
+                    const int64_t* __restrict__ len, const scalar_t* __restrict__ h_in,
+                    scalar_t* __restrict__ h_out, scalar_t* __restrict__ y,
+                    scalar_t* __restrict__ saved) {
+  __shared__ scalar_t sh[kBT][kKC + 1];
+  __shared__ scalar_t sw[3][kJT][kKC + 1];
+  const int tb = threadIdx.x, tj = threadIdx.y, tid = tj * kBT + tb;
+  const int b0 = blockIdx.y * kBT, j0 = blockIdx.x * kJT;
+  const int b = b0 + tb, j = j0 + tj;
+  scalar_t acc_r = 0, acc_z = 0, acc_n = 0;
+  for (int k0 = 0; k0 < H; k0 += kKC) {
+    for (int e = tid; e < kBT * kKC; e += kThreads) {
+      const int rb = e / kKC, kk = e % kKC;
+      sh[rb][kk] = (b0 + rb < B && k0 + kk < H)
+                       ? h_in[static_cast<int64_t>(b0 + rb) * H + k0 + kk] : scalar_t(0);
+    }
+    for (int e = tid; e < 3 * kJT * kKC; e += kThreads) {
+      const int g = e / (kJT * kKC), rj = (e / kKC) % kJT, kk = e % kKC;
+      sw[g][rj][kk] = (j0 + rj < H && k0 + kk < H)
+                          ? w_hh[(static_cast<int64_t>(g) * H + j0 + rj) * H + k0 + kk] : scalar_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kKC; ++kk) {
+      const scalar_t hv = sh[tb][kk];
+      acc_r += sw[0][tj][kk] * hv;
+      acc_z += sw[1][tj][kk] * hv;
+      acc_n += sw[2][tj][kk] * hv;
+    }
+    __syncthreads();
+  }
+  if (b >= B || j >= H) return;
+  const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
+  const int64_t H3 = 3 * static_cast<int64_t>(H);
+  scalar_t* sv = saved + tb_idx * 4 * H;
+  const scalar_t h = h_in[static_cast<int64_t>(b) * H + j];
   if (len && t >= len[b]) {  // padding: state unchanged, outputs 0
-    y[tb * H + j] = 0;
+    h_out[static_cast<int64_t>(b) * H + j] = h;
+    y[tb_idx * H + j] = 0;
     sv[j] = sv[H + j] = sv[2 * H + j] = sv[3 * H + j] = 0;
     return;
   }
-  const scalar_t* gi_b = gi + tb * 3 * H;
-  const scalar_t* gh_b = gh + b * 3 * H;
-  const scalar_t* rho_b = rho ? rho + tb * 3 * H : nullptr;
+  const scalar_t* gi_b = gi + tb_idx * H3;
+  const scalar_t* rho_b = rho ? rho + tb_idx * H3 : nullptr;
   const scalar_t pr = rho_b ? rho_b[j] : scalar_t(0);
   const scalar_t pz = rho_b ? rho_b[H + j] : scalar_t(0);
   const scalar_t pn = rho_b ? rho_b[2 * H + j] : scalar_t(0);
-  const scalar_t ghn = gh_b[2 * H + j] + b_hh[2 * H + j];
-  const GruCellForward<scalar_t> c(gi_b[j] + b_ih[j] + gh_b[j] + b_hh[j] + pr,
-                                   gi_b[H + j] + b_ih[H + j] + gh_b[H + j] + b_hh[H + j] + pz,
-                                   gi_b[2 * H + j] + b_ih[2 * H + j] + pn, ghn, h[b * H + j]);
+  const scalar_t ghn = acc_n + b_hh[2 * H + j];
+  const GruCellForward<scalar_t> c(gi_b[j] + b_ih[j] + acc_r + b_hh[j] + pr,
+                                   gi_b[H + j] + b_ih[H + j] + acc_z + b_hh[H + j] + pz,
+                                   gi_b[2 * H + j] + b_ih[2 * H + j] + pn, ghn, h);
   sv[j] = c.r;
   sv[H + j] = c.z;
   sv[2 * H + j] = c.n;
   sv[3 * H + j] = ghn;
-  h[b * H + j] = c.h_new;
-  y[tb * H + j] = c.h_new;
+  h_out[static_cast<int64_t>(b) * H + j] = c.h_new;
+  y[tb_idx * H + j] = c.h_new;
 }
 
+// Backward step t. dh holds, per (b, j), the part of d loss / d h that the
+// gate backward passes on directly (dh * z, or everything at padding); the
+// rest is W_hh^T dgh_prev, with dgh_prev the d gh of the step visited before
+// (in backward order), accumulated here first. With t < 0 the kernel only
+// adds that GEMM term (the last one, giving grad h0).
 template <typename scalar_t>
-__global__ void backward_step_kernel(int64_t T, int64_t B, int64_t H, int64_t t, bool reverse,
-                                     const scalar_t* __restrict__ gy,
-                                     const scalar_t* __restrict__ h0,
-                                     const scalar_t* __restrict__ y,
-                                     const scalar_t* __restrict__ saved,
-                                     const int64_t* __restrict__ len,
-                                     scalar_t* __restrict__ dh, scalar_t* __restrict__ dgi,
-                                     scalar_t* __restrict__ dgh, scalar_t* __restrict__ h_prev) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * H) return;
-  const int64_t b = idx / H, j = idx % H;
-  const int64_t tb = t * B + b;
-  scalar_t* dgi_b = dgi + tb * 3 * H;
-  scalar_t* dgh_b = dgh + tb * 3 * H;
+__global__ void __launch_bounds__(kThreads)
+backward_step_kernel(int T, int B, int H, int t, bool reverse,
+                     const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ dgh_prev,
+                     const scalar_t* __restrict__ gy, const scalar_t* __restrict__ h0,
+                     const scalar_t* __restrict__ y, const scalar_t* __restrict__ saved,
+                     const int64_t* __restrict__ len, scalar_t* __restrict__ dh,
+                     scalar_t* __restrict__ dgi, scalar_t* __restrict__ dgh,
+                     scalar_t* __restrict__ h_prev) {
+  __shared__ scalar_t sd[kBT][kKC + 1];
+  __shared__ scalar_t sw[kKC][kJT + 1];
+  const int tb = threadIdx.x, tj = threadIdx.y, tid = tj * kBT + tb;
+  const int b0 = blockIdx.y * kBT, j0 = blockIdx.x * kJT;
+  const int b = b0 + tb, j = j0 + tj;
+  const int H3 = 3 * H;
+  scalar_t acc = 0;
+  if (dgh_prev) {
+    for (int k0 = 0; k0 < H3; k0 += kKC) {
+      for (int e = tid; e < kBT * kKC; e += kThreads) {
+        const int rb = e / kKC, kk = e % kKC;
+        sd[rb][kk] = (b0 + rb < B && k0 + kk < H3)
+                         ? dgh_prev[static_cast<int64_t>(b0 + rb) * H3 + k0 + kk] : scalar_t(0);
+      }
+      for (int e = tid; e < kKC * kJT; e += kThreads) {
+        const int kk = e / kJT, rj = e % kJT;
+        sw[kk][rj] = (k0 + kk < H3 && j0 + rj < H)
+                         ? w_hh[static_cast<int64_t>(k0 + kk) * H + j0 + rj] : scalar_t(0);
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int kk = 0; kk < kKC; ++kk) acc += sw[kk][tj] * sd[tb][kk];
+      __syncthreads();
+    }
+  }
+  if (b >= B || j >= H) return;
+  const int64_t bj = static_cast<int64_t>(b) * H + j;
+  if (t < 0) {
+    dh[bj] += acc;
+    return;
+  }
+  const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
+  scalar_t* dgi_b = dgi + tb_idx * H3;
+  scalar_t* dgh_b = dgh + tb_idx * H3;
   const int64_t L = len ? len[b] : T;
   if (t >= L) {  // padding: the gradient passes through unchanged
+    dh[bj] += acc;
     dgi_b[j] = dgi_b[H + j] = dgi_b[2 * H + j] = 0;
     dgh_b[j] = dgh_b[H + j] = dgh_b[2 * H + j] = 0;
-    h_prev[tb * H + j] = 0;
+    h_prev[tb_idx * H + j] = 0;
     return;
   }
   const bool first = reverse ? t == L - 1 : t == 0;
-  const scalar_t hp = first ? h0[b * H + j] : y[(tb + (reverse ? B : -B)) * H + j];
-  const scalar_t* sv = saved + tb * 4 * H;
-  const GruCellBackward<scalar_t> c(dh[b * H + j] + gy[tb * H + j], sv[j], sv[H + j],
+  const scalar_t hp = first ? h0[bj] : y[(tb_idx + (reverse ? B : -B)) * H + j];
+  const scalar_t* sv = saved + tb_idx * 4 * H;
+  const GruCellBackward<scalar_t> c(dh[bj] + acc + gy[tb_idx * H + j], sv[j], sv[H + j],
                                     sv[2 * H + j], sv[3 * H + j], hp);
   dgi_b[j] = c.da_r;
   dgi_b[H + j] = c.da_z;
@@ -109,59 +163,59 @@ __global__ void backward_step_kernel(int64_t T, int64_t B, int64_t H, int64_t t,
   dgh_b[j] = c.da_r;
   dgh_b[H + j] = c.da_z;
   dgh_b[2 * H + j] = c.dgh_n;
-  dh[b * H + j] = c.dh_prev;
-  h_prev[tb * H + j] = hp;
+  dh[bj] = c.dh_prev;
+  h_prev[tb_idx * H + j] = hp;
 }
 
 template <typename scalar_t>
 void forward_recurrence(GruForwardState& s) {
-  const int64_t T = s.y.size(0), B = s.y.size(1), H = s.y.size(2);
-  auto gh = at::empty({B, 3 * H}, s.y.options());
+  const int T = static_cast<int>(s.y.size(0)), B = static_cast<int>(s.y.size(1)),
+            H = static_cast<int>(s.y.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto handle = at::cuda::getCurrentCUDABlasHandle();
   const int64_t* len = s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr;
   const scalar_t* rho = s.rho.defined() ? s.rho.data_ptr<scalar_t>() : nullptr;
-  for (int64_t step = 0; step < T; ++step) {
-    const int64_t t = s.reverse ? T - 1 - step : step;
-    // gh (B x 3H, row-major) = h (B x H) W_hh^T; in cuBLAS's column-major
-    // terms gh^T (3H x B) = W_hh (3H x H) h^T (H x B).
-    gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, 3 * H, B, H, scalar_t(1), s.w_hh.data_ptr<scalar_t>(),
-         H, s.h.data_ptr<scalar_t>(), H, scalar_t(0), gh.data_ptr<scalar_t>(), 3 * H);
-    forward_step_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        B, H, t, s.gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-        s.b_ih.data_ptr<scalar_t>(), s.b_hh.data_ptr<scalar_t>(), rho, len,
-        s.h.data_ptr<scalar_t>(), s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>());
+  auto other = at::empty_like(s.h);
+  scalar_t* bufs[2] = {s.h.data_ptr<scalar_t>(), other.data_ptr<scalar_t>()};
+  const dim3 grid = step_grid(B, H), block(kBT, kJT);
+  for (int step = 0; step < T; ++step) {
+    const int t = s.reverse ? T - 1 - step : step;
+    forward_step_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
+        s.b_ih.data_ptr<scalar_t>(), s.b_hh.data_ptr<scalar_t>(), rho, len, bufs[step % 2],
+        bufs[(step + 1) % 2], s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (T % 2 == 1) s.h.copy_(other);  // h_n ended in the second buffer
 }
 
 template <typename scalar_t>
 void backward_recurrence(GruBackwardState& s) {
-  const int64_t T = s.y.size(0), B = s.y.size(1), H = s.y.size(2);
+  const int T = static_cast<int>(s.y.size(0)), B = static_cast<int>(s.y.size(1)),
+            H = static_cast<int>(s.y.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto handle = at::cuda::getCurrentCUDABlasHandle();
   const int64_t* len = s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr;
-  for (int64_t step = 0; step < T; ++step) {
-    const int64_t t = s.reverse ? step : T - 1 - step;
-    backward_step_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        T, B, H, t, s.reverse, s.grad_y.data_ptr<scalar_t>(), s.h0.data_ptr<scalar_t>(),
-        s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>(), len,
-        s.dh.data_ptr<scalar_t>(), s.dgi.data_ptr<scalar_t>(), s.dgh.data_ptr<scalar_t>(),
-        s.h_prev.data_ptr<scalar_t>());
+  scalar_t* dgh = s.dgh.data_ptr<scalar_t>();
+  const int64_t step_size = static_cast<int64_t>(B) * 3 * H;
+  const dim3 grid = step_grid(B, H), block(kBT, kJT);
+  const scalar_t* dgh_prev = nullptr;
+  for (int step = 0; step <= T; ++step) {
+    // Steps in the opposite order of the forward; then t = -1 adds the last GEMM term.
+    const int t = step == T ? -1 : (s.reverse ? step : T - 1 - step);
+    backward_step_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        T, B, H, t, s.reverse, s.w_hh.data_ptr<scalar_t>(), dgh_prev,
+        s.grad_y.data_ptr<scalar_t>(), s.h0.data_ptr<scalar_t>(), s.y.data_ptr<scalar_t>(),
+        s.saved.data_ptr<scalar_t>(), len, s.dh.data_ptr<scalar_t>(),
+        s.dgi.data_ptr<scalar_t>(), dgh, s.h_prev.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // dh (B x H) += dgh_t (B x 3H) W_hh (3H x H); column-major:
-    // dh^T (H x B) += W_hh^T (H x 3H) dgh_t^T (3H x B).
-    gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, H, B, 3 * H, scalar_t(1), s.w_hh.data_ptr<scalar_t>(),
-         H, s.dgh.data_ptr<scalar_t>() + t * B * 3 * H, 3 * H, scalar_t(1),
-         s.dh.data_ptr<scalar_t>(), H);
+    if (t >= 0) dgh_prev = dgh + t * step_size;
   }
 }
 
-// cuBLAS takes int sizes.
+// Sizes are int inside the kernels.
 void check_int_sizes(const at::Tensor& y) {
-  TORCH_CHECK_VALUE(y.size(1) <= INT_MAX && 3 * y.size(2) <= INT_MAX,
-                    "perturbed_gru: batch size and 3 * hidden size must fit in int32 on CUDA, got B = ",
-                    y.size(1), ", H = ", y.size(2));
+  TORCH_CHECK_VALUE(y.size(0) <= INT_MAX && y.size(1) <= INT_MAX && 3 * y.size(2) <= INT_MAX,
+                    "perturbed_gru: T, B and 3 * H must fit in int32 on CUDA, got T = ", y.size(0),
+                    ", B = ", y.size(1), ", H = ", y.size(2));
 }
 
 void forward_cuda(GruForwardState& s) {
