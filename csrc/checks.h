@@ -54,7 +54,7 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
 }
 
 // Integer lengths on the CPU or on `device`, each in [0, max_len]; returned as
-// contiguous int64 on `device`. Checking the values on a GPU costs one sync.
+// contiguous int64 on `device`. Lengths on a GPU are read back once (a sync).
 inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t batch,
                                   int64_t max_len, at::Device device) {
   TORCH_CHECK_TYPE(!at::isFloatingType(lengths.scalar_type()) &&
@@ -65,14 +65,12 @@ inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int
   TORCH_CHECK_VALUE(lengths.device().is_cpu() || lengths.device() == device, op,
                     ": expected lengths on the CPU or on ", device, ", got ", lengths.device());
   check_shape(op, "lengths", lengths, {batch}, "(B,)");
-  if (batch > 0) {
-    auto [lo, hi] = at::aminmax(lengths);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= max_len, op,
-                      ": expected every lengths[b] in [0, T] = [0, ", max_len,
-                      "], got values in [", lo_v, ", ", hi_v, "]");
-  }
-  return lengths.to(device, at::kLong).contiguous();
+  const at::Tensor host = lengths.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* v = host.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK_VALUE(v[b] >= 0 && v[b] <= max_len, op, ": expected every lengths[b] in [0, T] = [0, ",
+                      max_len, "], got lengths[", b, "] = ", v[b]);
+  return host.to(device);
 }
 
 }  // namespace cascla

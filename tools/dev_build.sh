@@ -14,10 +14,12 @@ case "$mode" in
   *) cuda=auto ;;
 esac
 build=build/dev-$mode
+mkdir -p build
 cmake_bin=$("$py" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null || echo cmake)
 "$cmake_bin" -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$py")" -DCASCLA_CUDA="$cuda" \
-  ${CASCLA_CUDA_ARCH_LIST:+-DCASCLA_CUDA_ARCH_LIST="$CASCLA_CUDA_ARCH_LIST"} >/dev/null
+  ${CASCLA_CUDA_ARCH_LIST:+-DCASCLA_CUDA_ARCH_LIST="$CASCLA_CUDA_ARCH_LIST"} >"$build.configure.log" 2>&1 \
+  || { cat "$build.configure.log"; exit 1; }
 "$cmake_bin" --build "$build"
 cp "$build/libcascla_ops.so" "$build/_build_info.py" cascla_ext/
 echo "built $build -> cascla_ext/libcascla_ops.so"
