@@ -28,7 +28,7 @@ start=$(date +%s); rc=0
 for f in tests/test_*.py; do
   name=$(basename "$f" .py)
   "$py" -X faulthandler -m pytest "$f" -q -rs -p no:cacheprovider --tb=short \
-    --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1
+    >"$OUT/$name.log" 2>&1
   frc=$?; [ $frc -ne 0 ] && rc=$frc
   echo "$name: rc=$frc $(tail -1 "$OUT/$name.log")"
   [ $frc -ne 0 ] && grep -E "^FAILED|^ERROR|Error|Fatal|assert" "$OUT/$name.log" | head -12
