@@ -21,6 +21,9 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "cascla-ext:" "$OUT/build.log"
 cd /tmp  # import the installed package, not the source tree
 "$py" -c 'import cascla_ext, json; print(json.dumps(cascla_ext.build_info()))' | tee "$OUT/build_info.json"
+so=$("$py" -c 'import cascla_ext; print(cascla_ext.build_info()["library"])')
+echo "NEEDED: $(readelf -d "$so" | grep NEEDED | grep -o '\[.*\]' | tr '\n' ' ')"
+echo "libstdc++ functions defined inside the library: $(nm -C --defined-only "$so" | grep -c 'std::basic_ostream')"
 cd - >/dev/null
 
 # A crash in one file must not hide the others: one pytest run per file.
