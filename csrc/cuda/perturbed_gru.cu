@@ -7,6 +7,7 @@
 // fused, so a step costs one launch. The backward kernel of step t first adds
 // W_hh^T (d gh of the previous step) to the carried gradient, then runs the
 // gate backward; a last call adds the final W_hh^T d gh to grad h0.
+// Each block also splits the k reduction across warps (see Tile).
 // All on the current stream. The CPU twin is csrc/cpu/perturbed_gru.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,47 +21,76 @@
 namespace cascla {
 namespace {
 
-constexpr int kBT = 32;  // sequences per block (threadIdx.x: a warp spans sequences)
-constexpr int kJT = 4;   // hidden units per block (threadIdx.y)
-constexpr int kKC = 32;  // reduction chunk staged in shared memory
-constexpr int kThreads = kBT * kJT;
+// Tiling of the per-step kernels. A block owns BT sequences x kJT hidden
+// units; its threads also split the reduction over k into kKS slices (summed
+// through shared memory at the end), so a step has many warps in flight and
+// few serial chunks. BT is 16 for small batches (no idle half-warps), else 32.
+template <typename scalar_t, int BT>
+struct Tile {
+  static constexpr int kJT = 4;
+  static constexpr int kKS = 4;
+  static constexpr int kKC = sizeof(scalar_t) == 4 ? 32 : 16;  // k per slice per chunk
+  static constexpr int kChunk = kKS * kKC;                       // k staged per chunk
+  static constexpr int kThreads = BT * kJT * kKS;
+};
 
-dim3 step_grid(int64_t B, int64_t H) {
-  return dim3(static_cast<unsigned>((H + kJT - 1) / kJT), static_cast<unsigned>((B + kBT - 1) / kBT));
+template <typename scalar_t, int BT>
+dim3 step_grid(int B, int H) {
+  using C = Tile<scalar_t, BT>;
+  return dim3(static_cast<unsigned>((H + C::kJT - 1) / C::kJT),
+              static_cast<unsigned>((B + BT - 1) / BT));
 }
 
-// Forward step t. Thread (tb, tj) owns sequence b and hidden unit j: it
-// accumulates (W_hr h)_j, (W_hz h)_j, (W_hn h)_j over k in chunks staged in
-// shared memory, then applies the gates. h_in is read by every block, so
-// the new state goes to h_out (ping-pong buffers).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int BT>
+dim3 step_block() {
+  using C = Tile<scalar_t, BT>;
+  return dim3(BT, C::kJT, C::kKS);
+}
+
+// Forward step t. Thread (tb, tj, tk) accumulates slice tk of (W_hr h)_j,
+// (W_hz h)_j, (W_hn h)_j for sequence b = b0 + tb, unit j = j0 + tj, over k
+// staged chunk by chunk in shared memory; the slices are summed, then the
+// tk = 0 threads apply the gates. h_in is read by every block, so the new
+// state goes to h_out (ping-pong buffers).
+template <typename scalar_t, int BT>
+__global__ void __launch_bounds__(Tile<scalar_t, BT>::kThreads)
 forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
                     const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ b_ih,
                     const scalar_t* __restrict__ b_hh, const scalar_t* __restrict__ rho,
                     const int64_t* __restrict__ len, const scalar_t* __restrict__ h_in,
                     scalar_t* __restrict__ h_out, scalar_t* __restrict__ y,
                     scalar_t* __restrict__ saved) {
-  __shared__ scalar_t sh[kBT][kKC + 1];
-  __shared__ scalar_t sw[3][kJT][kKC + 1];
-  const int tb = threadIdx.x, tj = threadIdx.y, tid = tj * kBT + tb;
-  const int b0 = blockIdx.y * kBT, j0 = blockIdx.x * kJT;
+  using C = Tile<scalar_t, BT>;
+  constexpr int kJT = C::kJT, kKS = C::kKS, kKC = C::kKC, kChunk = C::kChunk;
+  constexpr int kThreads = C::kThreads;
+  __shared__ scalar_t sh[BT][kChunk + 1];
+  __shared__ scalar_t sw[3][kJT][kChunk + 1];
+  __shared__ scalar_t red[kKS - 1][3][kJT][BT];
+  const int tb = threadIdx.x, tj = threadIdx.y, tk = threadIdx.z;
+  const int tid = (tk * kJT + tj) * BT + tb;
+  const int b0 = blockIdx.y * BT, j0 = blockIdx.x * kJT;
   const int b = b0 + tb, j = j0 + tj;
   scalar_t acc_r = 0, acc_z = 0, acc_n = 0;
-  for (int k0 = 0; k0 < H; k0 += kKC) {
-    for (int e = tid; e < kBT * kKC; e += kThreads) {
-      const int rb = e / kKC, kk = e % kKC;
+  for (int k0 = 0; k0 < H; k0 += kChunk) {
+#pragma unroll
+    for (int i = 0; i < BT * kChunk / kThreads; ++i) {
+      const int e = tid + i * kThreads, rb = e / kChunk, kk = e % kChunk;
       sh[rb][kk] = (b0 + rb < B && k0 + kk < H)
                        ? h_in[static_cast<int64_t>(b0 + rb) * H + k0 + kk] : scalar_t(0);
     }
-    for (int e = tid; e < 3 * kJT * kKC; e += kThreads) {
-      const int g = e / (kJT * kKC), rj = (e / kKC) % kJT, kk = e % kKC;
-      sw[g][rj][kk] = (j0 + rj < H && k0 + kk < H)
-                          ? w_hh[(static_cast<int64_t>(g) * H + j0 + rj) * H + k0 + kk] : scalar_t(0);
+#pragma unroll
+    for (int i = 0; i < (3 * kJT * kChunk + kThreads - 1) / kThreads; ++i) {
+      const int e = tid + i * kThreads;
+      if (e < 3 * kJT * kChunk) {
+        const int g = e / (kJT * kChunk), rj = (e / kChunk) % kJT, kk = e % kChunk;
+        sw[g][rj][kk] = (j0 + rj < H && k0 + kk < H)
+                            ? w_hh[(static_cast<int64_t>(g) * H + j0 + rj) * H + k0 + kk]
+                            : scalar_t(0);
+      }
     }
     __syncthreads();
 #pragma unroll 8
-    for (int kk = 0; kk < kKC; ++kk) {
+    for (int kk = tk * kKC; kk < (tk + 1) * kKC; ++kk) {
       const scalar_t hv = sh[tb][kk];
       acc_r += sw[0][tj][kk] * hv;
       acc_z += sw[1][tj][kk] * hv;
@@ -68,7 +98,19 @@ forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
     }
     __syncthreads();
   }
-  if (b >= B || j >= H) return;
+  if (tk > 0) {
+    red[tk - 1][0][tj][tb] = acc_r;
+    red[tk - 1][1][tj][tb] = acc_z;
+    red[tk - 1][2][tj][tb] = acc_n;
+  }
+  __syncthreads();
+  if (tk > 0 || b >= B || j >= H) return;
+#pragma unroll
+  for (int s = 0; s < kKS - 1; ++s) {
+    acc_r += red[s][0][tj][tb];
+    acc_z += red[s][1][tj][tb];
+    acc_n += red[s][2][tj][tb];
+  }
   const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
   const int64_t H3 = 3 * static_cast<int64_t>(H);
   scalar_t* sv = saved + tb_idx * 4 * H;
@@ -99,10 +141,10 @@ forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
 // Backward step t. dh holds, per (b, j), the part of d loss / d h that the
 // gate backward passes on directly (dh * z, or everything at padding); the
 // rest is W_hh^T dgh_prev, with dgh_prev the d gh of the step visited before
-// (in backward order), accumulated here first. With t < 0 the kernel only
-// adds that GEMM term (the last one, giving grad h0).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+// (in backward order), accumulated here first (same tiling as the forward,
+// over k < 3H). With t < 0 the kernel only adds that term (giving grad h0).
+template <typename scalar_t, int BT>
+__global__ void __launch_bounds__(Tile<scalar_t, BT>::kThreads)
 backward_step_kernel(int T, int B, int H, int t, bool reverse,
                      const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ dgh_prev,
                      const scalar_t* __restrict__ gy, const scalar_t* __restrict__ h0,
@@ -110,32 +152,46 @@ backward_step_kernel(int T, int B, int H, int t, bool reverse,
                      const int64_t* __restrict__ len, scalar_t* __restrict__ dh,
                      scalar_t* __restrict__ dgi, scalar_t* __restrict__ dgh,
                      scalar_t* __restrict__ h_prev) {
-  __shared__ scalar_t sd[kBT][kKC + 1];
-  __shared__ scalar_t sw[kKC][kJT + 1];
-  const int tb = threadIdx.x, tj = threadIdx.y, tid = tj * kBT + tb;
-  const int b0 = blockIdx.y * kBT, j0 = blockIdx.x * kJT;
+  using C = Tile<scalar_t, BT>;
+  constexpr int kJT = C::kJT, kKS = C::kKS, kKC = C::kKC, kChunk = C::kChunk;
+  constexpr int kThreads = C::kThreads;
+  __shared__ scalar_t sd[BT][kChunk + 1];
+  __shared__ scalar_t sw[kChunk][kJT + 1];
+  __shared__ scalar_t red[kKS - 1][kJT][BT];
+  const int tb = threadIdx.x, tj = threadIdx.y, tk = threadIdx.z;
+  const int tid = (tk * kJT + tj) * BT + tb;
+  const int b0 = blockIdx.y * BT, j0 = blockIdx.x * kJT;
   const int b = b0 + tb, j = j0 + tj;
   const int H3 = 3 * H;
   scalar_t acc = 0;
   if (dgh_prev) {
-    for (int k0 = 0; k0 < H3; k0 += kKC) {
-      for (int e = tid; e < kBT * kKC; e += kThreads) {
-        const int rb = e / kKC, kk = e % kKC;
+    for (int k0 = 0; k0 < H3; k0 += kChunk) {
+#pragma unroll
+      for (int i = 0; i < BT * kChunk / kThreads; ++i) {
+        const int e = tid + i * kThreads, rb = e / kChunk, kk = e % kChunk;
         sd[rb][kk] = (b0 + rb < B && k0 + kk < H3)
                          ? dgh_prev[static_cast<int64_t>(b0 + rb) * H3 + k0 + kk] : scalar_t(0);
       }
-      for (int e = tid; e < kKC * kJT; e += kThreads) {
-        const int kk = e / kJT, rj = e % kJT;
-        sw[kk][rj] = (k0 + kk < H3 && j0 + rj < H)
-                         ? w_hh[static_cast<int64_t>(k0 + kk) * H + j0 + rj] : scalar_t(0);
+#pragma unroll
+      for (int i = 0; i < (kChunk * kJT + kThreads - 1) / kThreads; ++i) {
+        const int e = tid + i * kThreads;
+        if (e < kChunk * kJT) {
+          const int kk = e / kJT, rj = e % kJT;
+          sw[kk][rj] = (k0 + kk < H3 && j0 + rj < H)
+                           ? w_hh[static_cast<int64_t>(k0 + kk) * H + j0 + rj] : scalar_t(0);
+        }
       }
       __syncthreads();
 #pragma unroll 8
-      for (int kk = 0; kk < kKC; ++kk) acc += sw[kk][tj] * sd[tb][kk];
+      for (int kk = tk * kKC; kk < (tk + 1) * kKC; ++kk) acc += sw[kk][tj] * sd[tb][kk];
       __syncthreads();
     }
   }
-  if (b >= B || j >= H) return;
+  if (tk > 0) red[tk - 1][tj][tb] = acc;
+  __syncthreads();
+  if (tk > 0 || b >= B || j >= H) return;
+#pragma unroll
+  for (int s = 0; s < kKS - 1; ++s) acc += red[s][tj][tb];
   const int64_t bj = static_cast<int64_t>(b) * H + j;
   if (t < 0) {
     dh[bj] += acc;
@@ -167,7 +223,7 @@ backward_step_kernel(int T, int B, int H, int t, bool reverse,
   h_prev[tb_idx * H + j] = hp;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int BT>
 void forward_recurrence(GruForwardState& s) {
   const int T = static_cast<int>(s.y.size(0)), B = static_cast<int>(s.y.size(1)),
             H = static_cast<int>(s.y.size(2));
@@ -176,10 +232,10 @@ void forward_recurrence(GruForwardState& s) {
   const scalar_t* rho = s.rho.defined() ? s.rho.data_ptr<scalar_t>() : nullptr;
   auto other = at::empty_like(s.h);
   scalar_t* bufs[2] = {s.h.data_ptr<scalar_t>(), other.data_ptr<scalar_t>()};
-  const dim3 grid = step_grid(B, H), block(kBT, kJT);
+  const dim3 grid = step_grid<scalar_t, BT>(B, H), block = step_block<scalar_t, BT>();
   for (int step = 0; step < T; ++step) {
     const int t = s.reverse ? T - 1 - step : step;
-    forward_step_kernel<scalar_t><<<grid, block, 0, stream>>>(
+    forward_step_kernel<scalar_t, BT><<<grid, block, 0, stream>>>(
         B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
         s.b_ih.data_ptr<scalar_t>(), s.b_hh.data_ptr<scalar_t>(), rho, len, bufs[step % 2],
         bufs[(step + 1) % 2], s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>());
@@ -188,7 +244,7 @@ void forward_recurrence(GruForwardState& s) {
   if (T % 2 == 1) s.h.copy_(other);  // h_n ended in the second buffer
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int BT>
 void backward_recurrence(GruBackwardState& s) {
   const int T = static_cast<int>(s.y.size(0)), B = static_cast<int>(s.y.size(1)),
             H = static_cast<int>(s.y.size(2));
@@ -196,12 +252,12 @@ void backward_recurrence(GruBackwardState& s) {
   const int64_t* len = s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr;
   scalar_t* dgh = s.dgh.data_ptr<scalar_t>();
   const int64_t step_size = static_cast<int64_t>(B) * 3 * H;
-  const dim3 grid = step_grid(B, H), block(kBT, kJT);
+  const dim3 grid = step_grid<scalar_t, BT>(B, H), block = step_block<scalar_t, BT>();
   const scalar_t* dgh_prev = nullptr;
   for (int step = 0; step <= T; ++step) {
     // Steps in the opposite order of the forward; then t = -1 adds the last GEMM term.
     const int t = step == T ? -1 : (s.reverse ? step : T - 1 - step);
-    backward_step_kernel<scalar_t><<<grid, block, 0, stream>>>(
+    backward_step_kernel<scalar_t, BT><<<grid, block, 0, stream>>>(
         T, B, H, t, s.reverse, s.w_hh.data_ptr<scalar_t>(), dgh_prev,
         s.grad_y.data_ptr<scalar_t>(), s.h0.data_ptr<scalar_t>(), s.y.data_ptr<scalar_t>(),
         s.saved.data_ptr<scalar_t>(), len, s.dh.data_ptr<scalar_t>(),
@@ -222,7 +278,10 @@ void forward_cuda(GruForwardState& s) {
   check_int_sizes(s.y);
   const c10::cuda::CUDAGuard guard(s.y.device());
   AT_DISPATCH_FLOATING_TYPES(s.y.scalar_type(), "perturbed_gru_cuda", [&] {
-    forward_recurrence<scalar_t>(s);
+    if (s.y.size(1) <= 16)
+      forward_recurrence<scalar_t, 16>(s);
+    else
+      forward_recurrence<scalar_t, 32>(s);
   });
 }
 
@@ -230,7 +289,10 @@ void backward_cuda(GruBackwardState& s) {
   check_int_sizes(s.y);
   const c10::cuda::CUDAGuard guard(s.y.device());
   AT_DISPATCH_FLOATING_TYPES(s.y.scalar_type(), "perturbed_gru_backward_cuda", [&] {
-    backward_recurrence<scalar_t>(s);
+    if (s.y.size(1) <= 16)
+      backward_recurrence<scalar_t, 16>(s);
+    else
+      backward_recurrence<scalar_t, 32>(s);
   });
 }
 
