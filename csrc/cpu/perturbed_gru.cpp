@@ -12,9 +12,13 @@
 namespace cascla {
 namespace {
 
-// Sequences per parallel chunk: about 2k elements per thread, so that the
-// fork/join (a few microseconds) stays small next to the gate math.
-int64_t batch_grain(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
+// Sequences per parallel chunk: ATen's grain (32k elements), as its own
+// element-wise kernels use. A step's gates are only microseconds of work, and
+// a parallel region per step that is too fine stalls badly when the machine's
+// cores are busy with other processes (seen: 50x slower under load).
+int64_t batch_grain(int64_t H) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(H, 1));
+}
 
 // The step sequence b visits first (its state before that step is h0).
 inline bool is_first_step(bool reverse, int64_t t, int64_t len) {
