@@ -66,4 +66,25 @@ perturbed_gru_backward(
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y,
     const at::Tensor& saved, GruBackwardRecurrence recurrence);
 
+// The registered kernels of one device: the driver with that device's
+// recurrences (csrc/cpu/perturbed_gru.cpp and csrc/cuda/perturbed_gru.cu).
+template <GruForwardRecurrence Recurrence>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_kernel(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& rho, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
+  return perturbed_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, rho, lengths, reverse, Recurrence);
+}
+
+template <GruBackwardRecurrence Recurrence>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+perturbed_gru_backward_kernel(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                              const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                              bool reverse, const at::Tensor& y, const at::Tensor& saved) {
+  return perturbed_gru_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, reverse, y, saved,
+                                Recurrence);
+}
+
 }  // namespace cascla

@@ -296,29 +296,11 @@ void backward_cuda(GruBackwardState& s) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_cuda(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& rho, const std::optional<at::Tensor>& lengths,
-    bool reverse) {
-  return perturbed_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, rho, lengths, reverse,
-                               forward_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-perturbed_gru_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-                            const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                            const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
-                            bool reverse, const at::Tensor& y, const at::Tensor& saved) {
-  return perturbed_gru_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, reverse, y, saved,
-                                backward_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("perturbed_gru", &perturbed_gru_cuda);
-  m.impl("perturbed_gru_backward", &perturbed_gru_backward_cuda);
+  m.impl("perturbed_gru", &perturbed_gru_kernel<forward_cuda>);
+  m.impl("perturbed_gru_backward", &perturbed_gru_backward_kernel<backward_cuda>);
 }
 
 }  // namespace cascla
