@@ -1,0 +1,116 @@
+"""``CaSCLAConfig``: every width, rank and weight of the model, with the paper's
+values as defaults (``../shared/spec/model.md`` maps each to an equation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .data.batch import MODALITIES
+
+
+@dataclass
+class CaSCLAConfig:
+    """Configuration of :class:`cascla_ext.CaSCLA`.
+
+    Widths follow the paper (d_m = 1024, d_h = 300) unless given; ``small()``
+    gives a CPU-friendly variant. ``input_dims`` (modality -> feature width)
+    and ``clue_dim`` come from the data; ``num_classes`` from its labels.
+    """
+
+    # data
+    num_classes: int = 7
+    modalities: tuple[str, ...] = ("t", "a", "v")
+    input_dims: dict[str, int] = field(default_factory=lambda: {"t": 1024, "a": 1582, "v": 342})
+    clue_dim: int = 1024
+    # unimodal encoders (Eq. 1): Linear(d_in -> d_m) + a Transformer encoder
+    d_model: int = 1024
+    encoder_layers: int = 1
+    encoder_heads: int = 8
+    encoder_ff: int = 2048
+    # fusion (Eqs. 2-6): ring ranks per modality, eta, common width d_x
+    ranks: dict[str, int] = field(default_factory=lambda: {"t": 16, "a": 16, "v": 16})
+    eta: float = 0.5
+    d_fused: int = 1024
+    # context (Eq. 7) and causal interaction (Eqs. 8-9)
+    d_hidden: int = 300          # d_h, per GRU direction
+    d_feature: int = 600         # d, the width of f_i (and of the label embeddings)
+    # adversarial samples (Eqs. 19-20)
+    epsilon: float = 1.0
+    # SCLA (Eqs. 10-18) and the objective (Eq. 21)
+    alpha: float = 2.0
+    beta: float = 0.5
+    gamma: float = 1.0
+    scla_weight: float = 1.0     # lambda
+    label_embedding_dim: int = 300
+    label_dropout: float = 0.1
+    dropout: float = 0.1
+    # ablations (paper Table 4)
+    use_scla: bool = True
+    use_ast: bool = True
+    use_causal: bool = True
+    use_text_augmentation: bool = True
+    # "fused" (C++/CUDA ops) or "reference" (pure-PyTorch twins, for debugging)
+    ops_backend: str = "fused"
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"CaSCLAConfig: {msg}")
+
+        if not self.modalities:
+            fail("modalities must be a non-empty subset of t, a, v")
+        for m in self.modalities:
+            if m not in MODALITIES:
+                fail(f"unknown modality {m!r} in modalities (expected t, a or v)")
+            if m not in self.input_dims or self.input_dims[m] < 1:
+                fail(f"input_dims has no positive width for modality {m!r}")
+            if m not in self.ranks or self.ranks[m] < 1:
+                fail(f"ranks has no positive rank for modality {m!r}")
+        if len(set(self.modalities)) != len(self.modalities):
+            fail(f"modalities has duplicates: {self.modalities}")
+        if self.num_classes < 2:
+            fail(f"num_classes must be >= 2, got {self.num_classes}")
+        for name in ("d_model", "d_fused", "d_hidden", "clue_dim", "label_embedding_dim",
+                     "encoder_layers", "encoder_heads", "encoder_ff"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_feature < 2:
+            fail(f"d_feature must be >= 2 (soft-HGR covariances), got {self.d_feature}")
+        if self.d_model % self.encoder_heads:
+            fail(f"d_model ({self.d_model}) must be divisible by encoder_heads ({self.encoder_heads})")
+        if not 0.0 <= self.eta <= 1.0:
+            fail(f"eta must be in [0, 1], got {self.eta}")
+        for name in ("dropout", "label_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("epsilon", "alpha", "beta", "gamma", "scla_weight"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ops_backend not in ("fused", "reference"):
+            fail(f"ops_backend must be 'fused' or 'reference', got {self.ops_backend!r}")
+        if self.use_text_augmentation and "t" not in self.modalities:
+            self.use_text_augmentation = False  # no text branch to augment with
+
+    @classmethod
+    def small(cls, **overrides) -> CaSCLAConfig:
+        """Widths for CPU runs (the built-in synthetic dataset, tests)."""
+        values = dict(d_model=64, encoder_heads=4, encoder_ff=128, d_fused=64, d_hidden=48,
+                      d_feature=64, label_embedding_dim=32,
+                      ranks={"t": 8, "a": 6, "v": 6})
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CaSCLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"CaSCLAConfig: unknown fields {unknown}")
+        return cls(**values)

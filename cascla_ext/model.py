@@ -1,0 +1,239 @@
+"""``CaSCLA``: the whole method on the fused ops (paper section 3; how each
+equation maps to a module: ``../shared/spec/model.md``).
+
+    features per modality -> unimodal Transformer encoders (Eq. 1)
+      -> TensorRingFusion (Eqs. 2-6)              [op: tr_attention]
+      -> bidirectional PerturbedGRU (Eq. 7)       [op: perturbed_gru]
+      -> CausalInteraction with the clues (Eqs. 8-9)
+      -> f -> classifier (CE) and SCLALoss (Eqs. 10-18) [op: scla_loss]
+
+Training adds the adversarial pass (AST, Eqs. 19-20: the GRU gates perturbed
+along the normalised gradient of the clean loss) and the textual view (the
+GRU and interaction on the text branch alone); both are extra positives of
+the SCLA loss, and the adversarial pass adds its own CE (Eq. 21).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import CaSCLAConfig
+from .data.batch import Batch
+from .nn import CausalInteraction, PerturbedGRU, SCLALoss, TensorRingFusion
+
+__all__ = ["CaSCLA", "CaSCLAOutput"]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class CaSCLAOutput:
+    """logits (B, T, K); f (B, T, d) the causal-aware features; with labels,
+    ``loss`` (the objective of Eq. 21) and its terms in ``losses``."""
+
+    logits: Tensor
+    features: Tensor
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    perturbation: list[Tensor] | None = None  # the adversarial rho per GRU direction (AST)
+
+
+class UnimodalEncoder(nn.Module):
+    """Eq. 1: Linear(d_in -> d_m), then a Transformer encoder over the dialogue."""
+
+    def __init__(self, d_in: int, cfg: CaSCLAConfig):
+        super().__init__()
+        self.proj = nn.Linear(d_in, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.encoder_heads, cfg.encoder_ff,
+                                           dropout=cfg.dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        c = self.encoder(self.proj(x), src_key_padding_mask=~mask)
+        return c * mask.unsqueeze(-1)
+
+
+class CaSCLA(nn.Module):
+    """The CaSCLA model. ``forward(batch)`` returns a :class:`CaSCLAOutput`;
+    with ``batch.labels`` it includes the loss terms:
+
+    - ``ce``: cross-entropy of the classifier on f (valid utterances);
+    - ``scla``: the SCLA loss of f with the textual and adversarial views as
+      extra positives (``use_scla``);
+    - ``ce_adv``: cross-entropy on the adversarial features f^r (``use_ast``,
+      training only).
+    """
+
+    def __init__(self, config: CaSCLAConfig, label_names: list[str] | None = None):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.label_names = list(label_names) if label_names else [str(k) for k in range(cfg.num_classes)]
+        if len(self.label_names) != cfg.num_classes:
+            raise ValueError(f"CaSCLA: {len(self.label_names)} label names for {cfg.num_classes} classes")
+        self.encoders = nn.ModuleDict({m: UnimodalEncoder(cfg.input_dims[m], cfg) for m in cfg.modalities})
+        self.fusion = TensorRingFusion({m: cfg.d_model for m in cfg.modalities}, cfg.d_fused,
+                                       ranks={m: cfg.ranks[m] for m in cfg.modalities}, eta=cfg.eta,
+                                       backend=cfg.ops_backend)
+        self.gru = PerturbedGRU(cfg.d_fused, cfg.d_hidden, bidirectional=True, batch_first=True,
+                                backend=cfg.ops_backend)
+        d_context = 2 * cfg.d_hidden
+        if cfg.use_causal:
+            self.clue_intra = nn.Linear(3 * cfg.clue_dim, d_context)
+            self.clue_inter = nn.Linear(3 * cfg.clue_dim, d_context)
+            self.interaction = CausalInteraction(d_context, cfg.d_feature, cfg.d_hidden, cfg.dropout)
+        else:
+            self.head = nn.Linear(d_context, cfg.d_feature)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.d_feature, cfg.num_classes)
+        if cfg.use_scla:
+            self.scla = SCLALoss(cfg.num_classes, cfg.d_feature, embedding_dim=cfg.label_embedding_dim,
+                                 dropout=cfg.label_dropout, alpha=cfg.alpha, beta=cfg.beta,
+                                 gamma=cfg.gamma, backend=cfg.ops_backend)
+
+    # ------------------------------------------------------------------ parts
+    def _check_batch(self, batch: Batch) -> None:
+        cfg = self.config
+        for m in cfg.modalities:
+            if m not in batch.features:
+                raise ValueError(f"CaSCLA: the batch has no features for modality {m!r} "
+                                 f"(configured: {', '.join(cfg.modalities)})")
+            if batch.features[m].shape[-1] != cfg.input_dims[m]:
+                raise ValueError(f"CaSCLA: features[{m!r}] have width {batch.features[m].shape[-1]}, "
+                                 f"the config says input_dims[{m!r}] = {cfg.input_dims[m]}")
+        if cfg.use_causal:
+            if batch.clues is None:
+                raise ValueError("CaSCLA: use_causal needs clue vectors in the batch (batch.clues)")
+            if batch.clues.shape[-2:] != (6, cfg.clue_dim):
+                raise ValueError(f"CaSCLA: clues have shape {tuple(batch.clues.shape)}, expected "
+                                 f"(B, T, 6, {cfg.clue_dim})")
+
+    def _context_to_features(self, x: Tensor, batch: Batch, rho: list[Tensor] | None) -> Tensor:
+        """GRU (Eq. 7) and causal interaction (Eqs. 8-9) of fused inputs x (B, T, d_x) -> f."""
+        h, _ = self.gru(x, lengths=batch.lengths, perturbation=rho)
+        h = self.dropout(h)
+        if not self.config.use_causal:
+            return self.head(h)
+        B, T = batch.mask.shape
+        clues = batch.clues.reshape(B, T, 6 * self.config.clue_dim)
+        half = 3 * self.config.clue_dim
+        return self.interaction(h, self.clue_intra(clues[..., :half]), self.clue_inter(clues[..., half:]),
+                                batch.speakers, batch.mask)
+
+    def _ce(self, f: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+        return F.cross_entropy(self.classifier(f)[valid], labels[valid])
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: Batch) -> CaSCLAOutput:
+        self._check_batch(batch)
+        cfg = self.config
+        mask = batch.mask
+        cs = {m: self.encoders[m](batch.features[m], mask) for m in cfg.modalities}
+        x, xs = self.fusion(cs, mask)
+        labels = batch.labels
+        training_losses = labels is not None and self.training
+        use_ast = cfg.use_ast and training_losses and torch.is_grad_enabled()
+
+        rho = None
+        if use_ast:
+            B, T = mask.shape
+            rho = [x.new_zeros(B, T, 3 * cfg.d_hidden, requires_grad=True) for _ in range(2)]
+        f = self._context_to_features(x, batch, rho)
+        logits = self.classifier(f)
+        out = CaSCLAOutput(logits=logits, features=f)
+        if labels is None:
+            return out
+
+        valid = mask & (labels >= 0)
+        if not bool(valid.any()):
+            raise ValueError("CaSCLA: the batch has labels but no labelled utterance")
+        ce = F.cross_entropy(logits[valid], labels[valid])
+        out.losses["ce"] = ce
+        views = []
+        if use_ast:
+            # Eq. 20: the gate perturbation that increases the clean loss most,
+            # with L2 norm epsilon per dialogue and direction.
+            grads = torch.autograd.grad(ce, rho, retain_graph=True)
+            rho_adv = []
+            for g in grads:
+                norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+                rho_adv.append((cfg.epsilon * g / norm).detach())
+            out.perturbation = rho_adv
+            f_adv = self._context_to_features(x, batch, rho_adv)
+            out.losses["ce_adv"] = self._ce(f_adv, labels, valid)
+            views.append(f_adv)
+        if cfg.use_scla:
+            if cfg.use_text_augmentation and training_losses:
+                x_text = self.fusion.project("t", xs["t"])
+                views.insert(0, self._context_to_features(x_text, batch, None))
+            f_aug = torch.stack([v[valid] for v in views]) if views else None
+            out.losses["scla"] = self.scla(f[valid], labels[valid], f_aug)
+        out.loss = (out.losses["ce"] + cfg.scla_weight * out.losses.get("scla", 0.0)
+                    + out.losses.get("ce_adv", 0.0))
+        return out
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        """Class probabilities (B, T, K); 0 at padded utterances."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.forward(Batch(features=batch.features, speakers=batch.speakers, mask=batch.mask,
+                                        lengths=batch.lengths, clues=batch.clues, labels=None,
+                                        ids=batch.ids)).logits
+        finally:
+            self.train(was_training)
+        return torch.softmax(logits, dim=-1) * batch.mask.unsqueeze(-1)
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike, **extra) -> None:
+        """Write config, label names and weights to ``path`` atomically."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "label_names": self.label_names,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            **extra,
+        }
+        atomic_torch_save(state, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CaSCLA:
+        """A model from a checkpoint written by :meth:`save` (no training arguments needed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file
+            raise ValueError(f"checkpoint {path} is not a CaSCLA checkpoint ({err})") from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {path} is not a CaSCLA checkpoint (format "
+                             f"{state.get('format') if isinstance(state, dict) else '?'})")
+        model = cls(CaSCLAConfig.from_dict(state["config"]), state["label_names"])
+        model.load_state_dict(state["state_dict"])
+        return model
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a
+    crash never leaves a half-written file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
