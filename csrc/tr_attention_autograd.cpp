@@ -7,7 +7,7 @@
 // 2-core CPU, more than the kernels themselves at the paper's sizes (and an
 // order of magnitude more than the C++ path below). The backward is still the
 // op tr_attention_backward, so torch.compile traces it like any other op;
-// double backward raises (cascla_ext/ops.py).
+// double backward through it raises NotImplementedError.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -101,6 +101,56 @@ class TrAttentionFunction : public torch::autograd::Function<TrAttentionFunction
   }
 };
 
+// The backward op itself has no derivative: a second backward through it
+// raises (as perturbed_gru's does, from Python). Without grad mode or
+// gradients wanted, it goes straight to the kernel.
+class TrAttentionBackwardFunction
+    : public torch::autograd::Function<TrAttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList grad_out, at::TensorList q1,
+                               at::TensorList q2, at::TensorList k1, at::TensorList k2,
+                               const at::Tensor& mask, std::optional<double> scale,
+                               at::TensorList theta, at::TensorList pooled) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq1, dq2, dk1, dk2] =
+        call_backward(grad_out, q1, q2, k1, k2, mask, scale, theta, pooled);
+    variable_list outputs;
+    for (const auto& list : {dq1, dq2, dk1, dk2}) outputs.insert(outputs.end(), list.begin(), list.end());
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false,
+        "cascla_ext::tr_attention_backward: double backward (a gradient of the gradient) is not "
+        "supported by the fused kernel; use cascla_ext.reference.tr_attention for that");
+  }
+};
+
+bool any_requires_grad(std::initializer_list<at::TensorList> lists) {
+  for (const auto list : lists)
+    for (const auto& t : list)
+      if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward_autograd(
+    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
+    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
+    at::TensorList theta, at::TensorList pooled) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad({grad_out, q1, q2, k1, k2, theta, pooled})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_backward(grad_out, q1, q2, k1, k2, mask, scale, theta, pooled);
+  }
+  const variable_list outs = TrAttentionBackwardFunction::apply(grad_out, q1, q2, k1, k2, mask,
+                                                                scale, theta, pooled);
+  const auto n = static_cast<std::ptrdiff_t>(q1.size());
+  const auto part = [&](std::ptrdiff_t i) {
+    return TensorVec(outs.begin() + i * n, outs.begin() + (i + 1) * n);
+  };
+  return {part(0), part(1), part(2), part(3)};
+}
+
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_autograd(
     at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
     const at::Tensor& mask, std::optional<double> scale) {
@@ -114,6 +164,7 @@ std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_autograd(
 
 TORCH_LIBRARY_IMPL(cascla_ext, Autograd, m) {
   m.impl("tr_attention", &tr_attention_autograd);
+  m.impl("tr_attention_backward", &tr_attention_backward_autograd);
 }
 
 }  // namespace cascla
