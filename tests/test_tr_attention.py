@@ -85,8 +85,10 @@ def test_matches_reference_float64(device, ranks, mask):
     check_against_reference(inputs)
 
 
-def test_matches_reference_float32(device):
-    inputs = make_inputs(4, 19, (16, 8, 12), device=device, dtype=torch.float32,
+@pytest.mark.parametrize("ranks", [(16, 8, 12), (3, 1, 2, 5), (6, 9)], ids=["n3", "n4", "n2"])
+def test_matches_reference_float32(device, ranks):
+    """float32 runs the vectorised CPU paths (float64 the plain loops the CUDA kernels share)."""
+    inputs = make_inputs(4, 19, ranks, device=device, dtype=torch.float32,
                          lengths=[19, 7, 0, 1])
     ref64 = [[t.double() for t in lst] for lst in inputs[:4]] + [inputs[4]]
     check_against_reference(inputs, dtype=torch.float32, ref_inputs=ref64, atol=1e-5, rtol=1e-4)

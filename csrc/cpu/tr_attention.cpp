@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tr_attention.h"
@@ -85,10 +86,15 @@ struct HostView {
   scalar_t* tmp(int k) const {
     return c.ws + b * c.ws_per_dialogue + c.off_tmp + k * c.max_r * c.max_r;
   }
-  // small_mm with the vectorised gemm; op(B) = B^T goes through a transposed
-  // copy in the workspace's last scratch matrix.
+  // float: small_mm with the vectorised gemm (op(B) = B^T through a
+  // transposed copy in the workspace's last scratch matrix). double: small_mm
+  // itself, the loop the CUDA kernels run, so that the float64 tests check it.
   void mm(scalar_t* C, const scalar_t* A, const scalar_t* B, int64_t M, int64_t K, int64_t N,
-          bool trans_a, bool trans_b, bool accumulate, int, int) const {
+          bool trans_a, bool trans_b, bool accumulate, int tid, int nt) const {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      tr::small_mm(C, A, B, M, K, N, trans_a, trans_b, accumulate, tid, nt);
+      return;
+    }
     if (trans_b) {
       scalar_t* bt = tmp(c.n + 1);  // K x N
       for (int64_t k = 0; k < K; ++k)
