@@ -143,7 +143,11 @@ def tr_attention(
         q1 k1 and q2 k2) times the ring product of the other modalities'
         pooled matrices A_{m+1} ... A_{m+n-1} (A_j the mean of Theta_j over the
         dialogue's real utterances); 0 at padded utterances. Gradients flow to
-        every q1, q2, k1, k2.
+        every q1, q2, k1, k2. A dialogue with no real utterance gives zeros.
+
+    The forward saves each utterance's softmax Theta (the op's ``theta``
+    output) and the pooled A's for the backward. CUDA takes at most 16
+    modalities per call; the CPU any number.
     """
     out, _, _ = torch.ops.cascla_ext.tr_attention.default(
         list(q1), list(q2), list(k1), list(k2), mask, None if scale is None else float(scale)

@@ -1,8 +1,11 @@
 // tr_attention, CUDA: three kernels each way, all on the current stream.
 //
-//   forward:  theta_kernel   one warp per (utterance, modality): Theta's softmax row
-//             ring_kernel    one block per dialogue: the means A_m, then the
-//                            ring products P_m (tr_attention_ring.h)
+//   forward:  theta_kernel   one block per (dialogue, modality, chunk of 16
+//                            utterances), a warp per utterance: Theta's softmax
+//                            rows and their partial sum over the chunk
+//             ring_kernel    one block per dialogue: the means A_m (the partials
+//                            summed in a fixed order), then the ring products
+//                            P_m (tr_attention_ring.h)
 //             out_kernel     one warp per (utterance, modality): Out = Theta P
 //   backward: dP_kernel      one block per (dialogue, modality, chunk of 16
 //                            utterances): partial sums of Theta^T dOut
@@ -21,6 +24,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "tr_attention.h"
@@ -59,7 +63,7 @@ struct TrArgs {
   scalar_t* dq2[kMaxRing];
   scalar_t* dk1[kMaxRing];
   scalar_t* dk2[kMaxRing];
-  scalar_t* partial;   // backward: (B, chunks, sum_pairs)
+  scalar_t* partial;   // (B, chunks, sum_pairs): per-chunk sums (Theta forward, Theta^T dOut backward)
   int64_t chunks;
   scalar_t* scratch;   // backward: dL rows, (sum_pairs * B * T)
 
@@ -141,12 +145,9 @@ __device__ int64_t block_count(const bool* mask_b, int64_t T) {
 
 // ---- forward ----
 
-// Theta_m[row] = softmax over (i, j) of u_i v_j; 0 at padding.
+// Theta_m[row] = softmax over (i, j) of u_i v_j, by one warp; 0 at padding.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) theta_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
-  const int m = blockIdx.y, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (row >= a.B * a.T) return;  // the whole warp
+__device__ void theta_row(const TrArgs<scalar_t>& a, int m, int64_t row, int lane) {
   const int64_t s = a.s(m), w = a.w(m), sw = s * w;
   scalar_t* th = a.theta[m] + row * sw;
   if (!a.mask[row]) {
@@ -178,22 +179,39 @@ __global__ void __launch_bounds__(kThreads) theta_kernel(const __grid_constant__
   for (int64_t e = lane; e < sw; e += 32) th[e] *= inv;  // entries this lane wrote
 }
 
-// A_m[b] = mean of Theta_m over the real utterances; then P_m (n >= 2).
+// Block (b, m, chunk): Theta_m of the chunk's utterances (a warp per
+// utterance), then partial[b][chunk][m] = their sum over the real ones.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) theta_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
+  const int64_t b = blockIdx.x, chunk = blockIdx.z, T = a.T;
+  const int m = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t0 = chunk * kChunk, t1 = t0 + kChunk < T ? t0 + kChunk : T;
+  for (int64_t t = t0 + warp; t < t1; t += kWarps) theta_row(a, m, b * T + t, lane);
+  __syncthreads();
+  const int64_t sw = a.s(m) * a.w(m);
+  const scalar_t* th = a.theta[m] + b * T * sw;
+  scalar_t* out = a.partial + (b * a.chunks + chunk) * a.sum_pairs + a.pair_off[m];
+  for (int64_t e = threadIdx.x; e < sw; e += blockDim.x) {
+    scalar_t acc = 0;
+    for (int64_t t = t0; t < t1; ++t) acc += th[t * sw + e];  // 0 at padding
+    out[e] = acc;
+  }
+}
+
+// A_m[b] = (sum of the partials) / count; then P_m (n >= 2).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
-  const int64_t b = blockIdx.x, T = a.T;
+  const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const bool* mask = a.mask + b * T;
-  const int64_t cnt = block_count(mask, T);
+  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
   const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
   for (int m = 0; m < a.n; ++m) {
     const int64_t sw = a.s(m) * a.w(m);
-    const scalar_t* th = a.theta[m] + b * T * sw;
+    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
     scalar_t* A = a.pooled[m] + b * sw;
     for (int64_t e = tid; e < sw; e += nt) {
       scalar_t acc = 0;
-      for (int64_t t = 0; t < T; ++t)
-        if (mask[t]) acc += th[t * sw + e];
+      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
       A[e] = acc * inv;
     }
   }
@@ -382,12 +400,18 @@ void forward_cuda(TrForwardState& st) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t rows = R.B * R.T;
   const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
+  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
+  const at::Tensor partial = at::empty({R.B * std::max<int64_t>(chunks, 1) * R.sum_pairs()},
+                                       st.q1[0].options());
   AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_cuda", [&] {
     auto a = ring_args<scalar_t>(R, st.mask, st.workspace, st.q1, st.q2, st.k1, st.k2, st.theta,
                                  st.pooled);
     for (int m = 0; m < a.n; ++m) a.out[m] = st.out[m].data_ptr<scalar_t>();
+    a.partial = partial.data_ptr<scalar_t>();
+    a.chunks = chunks;
     if (rows > 0) {
-      theta_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(a);
+      const dim3 chunk_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
+      theta_kernel<scalar_t><<<chunk_grid, kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     ring_kernel<scalar_t><<<static_cast<unsigned>(R.B), kThreads, 0, stream>>>(a);
