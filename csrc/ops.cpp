@@ -19,4 +19,18 @@ TORCH_LIBRARY(cascla_ext, m) {
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_rho)",
       {at::Tag::pt2_compliant_tag});
+
+  // 2. Tensor-ring contraction attention over n modalities (one list entry per
+  //    modality, in ring order). `theta` (B, T, s_m, w_m) holds each
+  //    utterance's softmax (0 at padding) and `pooled` (B, s_m, w_m) the
+  //    per-dialogue means A_m, for the backward; both are implementation details.
+  m.def(
+      "tr_attention(Tensor[] q1, Tensor[] q2, Tensor[] k1, Tensor[] k2, Tensor mask, "
+      "float? scale=None) -> (Tensor[] out, Tensor[] theta, Tensor[] pooled)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "tr_attention_backward(Tensor[] grad_out, Tensor[] q1, Tensor[] q2, Tensor[] k1, "
+      "Tensor[] k2, Tensor mask, float? scale, Tensor[] theta, Tensor[] pooled) "
+      "-> (Tensor[] grad_q1, Tensor[] grad_q2, Tensor[] grad_k1, Tensor[] grad_k2)",
+      {at::Tag::pt2_compliant_tag});
 }
