@@ -19,4 +19,20 @@ TORCH_LIBRARY(cascla_ext, m) {
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_rho)",
       {at::Tag::pt2_compliant_tag});
+
+  // 3. Soft-HGR supervised contrastive loss with adversarial sample-label
+  //    pairs. reduction is 'none' (loss (M,)), 'sum' or 'mean' (loss ()).
+  //    logits (M, K) = Sim(f_i, z_k), aug_logits (P, M) = Sim(f_aug[p, i],
+  //    z_{y_i}) and class_sums (K, d, float64) = per-class sums of f are for
+  //    the backward; they are implementation details.
+  m.def(
+      "scla_loss(Tensor f, Tensor f_aug, Tensor z, Tensor y, float alpha, float beta, "
+      "float gamma, str reduction) "
+      "-> (Tensor loss, Tensor logits, Tensor aug_logits, Tensor class_sums)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "scla_loss_backward(Tensor grad, Tensor f, Tensor f_aug, Tensor z, Tensor y, "
+      "Tensor logits, Tensor aug_logits, Tensor class_sums, float alpha, float beta, "
+      "float gamma, str reduction) -> (Tensor grad_f, Tensor grad_f_aug, Tensor grad_z)",
+      {at::Tag::pt2_compliant_tag});
 }
