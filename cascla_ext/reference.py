@@ -104,11 +104,14 @@ def scla_loss(
     l_pos = -(log_p * focal_pos).sum(1)
 
     # Negatives (Eqs. 16-17): q_ik over the K anchor similarities, k != y_i.
-    log_q = s.log_softmax(1)
-    log_1mq = lse_others(s) - s.logsumexp(1, keepdim=True)  # log(1 - q_ik)
-    focal_neg = torch.exp(beta * log_q) if beta != 0 else torch.ones_like(log_q)
-    negative = torch.ones_like(s, dtype=torch.bool).scatter(1, y[:, None], False)
-    l_neg = -torch.where(negative, log_1mq * focal_neg, torch.zeros_like(s)).sum(1)
+    if K > 1:
+        log_q = s.log_softmax(1)
+        log_1mq = lse_others(s) - s.logsumexp(1, keepdim=True)  # log(1 - q_ik)
+        focal_neg = torch.exp(beta * log_q) if beta != 0 else torch.ones_like(log_q)
+        negative = torch.ones_like(s, dtype=torch.bool).scatter(1, y[:, None], False)
+        l_neg = -torch.where(negative, log_1mq * focal_neg, torch.zeros_like(s)).sum(1)
+    else:  # one class: no negatives
+        l_neg = torch.zeros_like(l_pos)
 
     # Eq. 18: class-frequency weights (M / n_{y_i})^gamma.
     n = torch.bincount(y, minlength=K).to(f.dtype)
