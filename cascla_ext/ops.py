@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["perturbed_gru", "tr_attention"]
+__all__ = ["perturbed_gru", "tr_attention", "scla_loss"]
 
 
 def _as_lengths(lengths: Tensor | Sequence[int] | None) -> Tensor | None:
@@ -215,3 +215,94 @@ def _no_double_backward(op: str):
 
 
 _no_double_backward("cascla_ext::perturbed_gru_backward")
+
+
+# --------------------------------------------------------------------------
+# 3. scla_loss
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def scla_loss(
+    f: Tensor,
+    f_aug: Tensor | None,
+    z: Tensor,
+    y: Tensor,
+    alpha: float = 2.0,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Soft-HGR supervised contrastive loss between features and label
+    embeddings, with augmented views as extra positives (paper Eqs. 12-18).
+
+    Args:
+        f: (M, d) anchor features (valid utterances only), M >= 2, d >= 2.
+        f_aug: (P, M, d) augmented views of each anchor (P >= 0), or None for
+            none (P = 0).
+        z: (K, d) label embeddings.
+        y: (M,) int64 labels in [0, K), on f's device.
+        alpha, beta: positive and negative focusing parameters (>= 0).
+        gamma: exponent of the class-frequency weights (M / n_c)^gamma.
+        reduction: "none" (the M per-anchor losses), "sum" (Eq. 18) or "mean"
+            (the sum divided by M).
+
+    Returns:
+        The loss, () or (M,). Gradients flow to f, f_aug and z. The kernels
+        never build an M x M matrix (time O(M K d + K^2 d), memory linear in
+        M) and stay finite for similarities in the thousands.
+    """
+    if f_aug is None:
+        f_aug = f.new_empty((0, *f.shape))
+    loss, _, _, _ = torch.ops.cascla_ext.scla_loss.default(
+        f, f_aug, z, y, float(alpha), float(beta), float(gamma), str(reduction)
+    )
+    return loss
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{op}: expected reduction to be one of 'none', 'sum', 'mean', got {reduction!r}"
+        )
+
+
+@torch.library.register_fake("cascla_ext::scla_loss")
+def _scla_loss_fake(f, f_aug, z, y, alpha, beta, gamma, reduction):
+    _check_reduction("scla_loss", reduction)
+    torch._check(f.dim() == 2, lambda: "scla_loss: expected f of shape (M, d)")
+    torch._check(f_aug.dim() == 3, lambda: "scla_loss: expected f_aug of shape (P, M, d)")
+    torch._check(z.dim() == 2, lambda: "scla_loss: expected z of shape (K, d)")
+    M, d = f.shape
+    P, K = f_aug.shape[0], z.shape[0]
+    loss = f.new_empty(M) if reduction == "none" else f.new_empty(())
+    return loss, f.new_empty(M, K), f.new_empty(P, M), f.new_empty(K, d, dtype=torch.float64)
+
+
+@torch.library.register_fake("cascla_ext::scla_loss_backward")
+def _scla_loss_backward_fake(grad, f, f_aug, z, y, logits, aug_logits, class_sums, alpha, beta,
+                             gamma, reduction):
+    _check_reduction("scla_loss_backward", reduction)
+    return f.new_empty(f.shape), f.new_empty(f_aug.shape), f.new_empty(z.shape)
+
+
+def _scla_loss_setup_context(ctx, inputs, output):
+    f, f_aug, z, y, alpha, beta, gamma, reduction = inputs
+    _, logits, aug_logits, class_sums = output
+    ctx.save_for_backward(f, f_aug, z, y, logits, aug_logits, class_sums)
+    ctx.params = (alpha, beta, gamma, reduction)
+    ctx.mark_non_differentiable(logits, aug_logits, class_sums)
+
+
+def _scla_loss_backward(ctx, grad_loss, _grad_logits, _grad_aug_logits, _grad_class_sums):
+    f, f_aug, z, y, logits, aug_logits, class_sums = ctx.saved_tensors
+    grad_f, grad_f_aug, grad_z = torch.ops.cascla_ext.scla_loss_backward.default(
+        grad_loss, f, f_aug, z, y, logits, aug_logits, class_sums, *ctx.params
+    )
+    return grad_f, grad_f_aug, grad_z, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "cascla_ext::scla_loss", _scla_loss_backward, setup_context=_scla_loss_setup_context
+)
+_no_double_backward("cascla_ext::scla_loss_backward")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["perturbed_gru", "tr_attention"]
+__all__ = ["perturbed_gru", "tr_attention", "scla_loss"]
 
 
 def perturbed_gru(
@@ -99,3 +99,72 @@ def tr_attention(
             ring = thetas[m] @ chain.unsqueeze(1)  # (B, T, s_m, s_m)
         outs.append(ring * w_bt)
     return outs
+
+
+def scla_loss(
+    f: Tensor,
+    f_aug: Tensor | None,
+    z: Tensor,
+    y: Tensor,
+    alpha: float = 2.0,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Reference for :func:`cascla_ext.ops.scla_loss` (spec section 3), written
+    literally: the M x M covariances cov(g, f_l) are built (O(M^2 d) time,
+    O(M^2) memory). The probabilities are kept as logs (log-sum-exp), so large
+    similarities stay finite here too."""
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"scla_loss: expected reduction to be one of 'none', 'sum', 'mean', got {reduction!r}")
+    M, d = f.shape
+    K = z.shape[0]
+    if f_aug is None:
+        f_aug = f.new_zeros(0, M, d)
+    P = f_aug.shape[0]
+
+    def cov(u: Tensor, v: Tensor) -> Tensor:  # all pairs of rows: cov(u_a, v_b)
+        uc = u - u.mean(-1, keepdim=True)
+        vc = v - v.mean(-1, keepdim=True)
+        return uc @ vc.transpose(-1, -2) / (d - 1)
+
+    cov_z_zy = cov(z, z)[:, y]  # (K, M): cov(z_j, z_{y_l})
+
+    def sim(g: Tensor) -> Tensor:  # Eq. 12 for every row of g and every z_j: (R, K)
+        return g @ z.T / (M - 1) - 0.5 * cov(g, f) @ cov_z_zy.T  # cov(g, f) is (R, M)
+
+    s = sim(f)  # (M, K): Sim(f_i, z_k)
+    aug = [sim(f_aug[p]).gather(1, y[:, None]) for p in range(P)]  # each (M, 1)
+    t = torch.cat([s, *aug], dim=1)  # (M, K + P): exp(t) are the terms of S_i + Aug_i
+
+    def lse_others(u: Tensor) -> Tensor:  # [i, n] = log sum_{m != n} exp(u[i, m])
+        n = u.shape[1]
+        eye = torch.eye(n, dtype=torch.bool, device=u.device)
+        return u.unsqueeze(1).expand(-1, n, n).masked_fill(eye, float("-inf")).logsumexp(-1)
+
+    # Positives (Eqs. 13-15): g = f_i (index y_i) and every f_aug[p, i] (index K + p).
+    pos = torch.cat([y[:, None], K + torch.arange(P, device=f.device).expand(M, P)], dim=1)
+    lse_all = t.logsumexp(1, keepdim=True)
+    log_p = t.gather(1, pos) - lse_all  # log p(g)
+    log_1mp = lse_others(t).gather(1, pos) - lse_all  # log(1 - p(g)): the other terms' share
+    focal_pos = torch.exp(alpha * log_1mp) if alpha != 0 else torch.ones_like(log_p)
+    l_pos = -(log_p * focal_pos).sum(1)
+
+    # Negatives (Eqs. 16-17): q_ik over the K anchor similarities, k != y_i.
+    if K > 1:
+        log_q = s.log_softmax(1)
+        log_1mq = lse_others(s) - s.logsumexp(1, keepdim=True)  # log(1 - q_ik)
+        focal_neg = torch.exp(beta * log_q) if beta != 0 else torch.ones_like(log_q)
+        negative = torch.ones_like(s, dtype=torch.bool).scatter(1, y[:, None], False)
+        l_neg = -torch.where(negative, log_1mq * focal_neg, torch.zeros_like(s)).sum(1)
+    else:  # one class: no negatives
+        l_neg = torch.zeros_like(l_pos)
+
+    # Eq. 18: class-frequency weights (M / n_{y_i})^gamma.
+    n = torch.bincount(y, minlength=K).to(f.dtype)
+    loss = (M / n[y]) ** gamma * (l_pos + l_neg)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / M
+    return loss

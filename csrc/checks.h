@@ -6,6 +6,7 @@
 
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cascla {
@@ -71,6 +72,37 @@ inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int
     TORCH_CHECK_VALUE(v[b] >= 0 && v[b] <= max_len, op, ": expected every lengths[b] in [0, T] = [0, ",
                       max_len, "], got lengths[", b, "] = ", v[b]);
   return host.to(device);
+}
+
+// Integer class labels of shape (n,) on `device`, each in [0, num_classes)
+// (K), with how many times each class occurs. Returns (labels as contiguous int64 on `device`,
+// counts as int64 (num_classes,) on `device`). Labels on a GPU are read back
+// once to be checked (a sync).
+inline std::pair<at::Tensor, at::Tensor> checked_labels(const char* op, const char* name,
+                                                        const at::Tensor& labels, int64_t n,
+                                                        const char* shape_desc,
+                                                        int64_t num_classes, at::Device device) {
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) &&
+                       !at::isComplexType(labels.scalar_type()) &&
+                       labels.scalar_type() != at::kBool,
+                   op, ": expected ", name, " to be an integer tensor (int64), got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == device, op, ": expected ", name, " on ", device, ", got ",
+                    labels.device());
+  check_shape(op, name, labels, {n}, shape_desc);
+  const at::Tensor host = labels.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* v = host.const_data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({num_classes}, host.options());
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(v[i] >= 0 && v[i] < num_classes, op, ": expected every ", name,
+                      "[i] in [0, K) = [0, ", num_classes, "), got ", name,
+                      "[", i, "] = ", v[i]);
+    ++c[v[i]];
+  }
+  at::Tensor on_device = labels.scalar_type() == at::kLong ? labels.contiguous()
+                                                            : labels.to(at::kLong).contiguous();
+  return {on_device, counts.to(device)};
 }
 
 }  // namespace cascla

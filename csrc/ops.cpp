@@ -1,7 +1,8 @@
 // The one schema file: every cascla_ext op is declared here. Kernels live in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu and register themselves with
-// TORCH_LIBRARY_IMPL; fake (meta) implementations and autograd are registered
-// from Python (cascla_ext/ops.py). The math of each op is ../shared/spec/ops.md.
+// TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python
+// (cascla_ext/ops.py), and so is autograd, except tr_attention's (C++,
+// csrc/tr_attention_autograd.cpp). The math of each op is ../shared/spec/ops.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(cascla_ext, m) {
@@ -32,5 +33,21 @@ TORCH_LIBRARY(cascla_ext, m) {
       "tr_attention_backward(Tensor[] grad_out, Tensor[] q1, Tensor[] q2, Tensor[] k1, "
       "Tensor[] k2, Tensor mask, float? scale, Tensor[] theta, Tensor[] pooled) "
       "-> (Tensor[] grad_q1, Tensor[] grad_q2, Tensor[] grad_k1, Tensor[] grad_k2)",
+      {at::Tag::pt2_compliant_tag});
+
+  // 3. Soft-HGR supervised contrastive loss with adversarial sample-label
+  //    pairs. reduction is 'none' (loss (M,)), 'sum' or 'mean' (loss ()).
+  //    logits (M, K) = Sim(f_i, z_k), aug_logits (P, M) = Sim(f_aug[p, i],
+  //    z_{y_i}) and class_sums (K, d, float64) = per-class sums of f are for
+  //    the backward; they are implementation details.
+  m.def(
+      "scla_loss(Tensor f, Tensor f_aug, Tensor z, Tensor y, float alpha, float beta, "
+      "float gamma, str reduction) "
+      "-> (Tensor loss, Tensor logits, Tensor aug_logits, Tensor class_sums)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "scla_loss_backward(Tensor grad, Tensor f, Tensor f_aug, Tensor z, Tensor y, "
+      "Tensor logits, Tensor aug_logits, Tensor class_sums, float alpha, float beta, "
+      "float gamma, str reduction) -> (Tensor grad_f, Tensor grad_f_aug, Tensor grad_z)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -6,7 +6,7 @@ import torch
 
 import cascla_ext
 
-OPS = ["perturbed_gru", "perturbed_gru_backward"]
+OPS = ["perturbed_gru", "perturbed_gru_backward", "scla_loss", "scla_loss_backward"]
 
 
 def test_build_info_describes_the_build():

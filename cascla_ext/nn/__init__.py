@@ -2,5 +2,6 @@
 
 from .fusion import TensorRingFusion
 from .gru import PerturbedGRU
+from .scla import SCLALoss
 
-__all__ = ["PerturbedGRU", "TensorRingFusion"]
+__all__ = ["PerturbedGRU", "TensorRingFusion", "SCLALoss"]

@@ -1,0 +1,110 @@
+"""``SCLALoss``: the SCLA loss of the paper (section 3.3, Eqs. 10-18) with the
+label embeddings it learns.
+
+The label embeddings are z_k = Dropout(ReLU(W_g ReLU(Emb(k)) + b_g))
+(Eqs. 10-11); the loss is :func:`cascla_ext.ops.scla_loss` between the
+utterance features and them, with the augmented views (textual features
+f_(t), adversarial features f^r) as extra positives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops, reference
+
+__all__ = ["SCLALoss"]
+
+_BACKENDS = {"fused": ops.scla_loss, "reference": reference.scla_loss}
+
+
+class SCLALoss(nn.Module):
+    """Supervised contrastive loss between features and learned label embeddings.
+
+    Args:
+        num_classes: K, the number of emotion classes.
+        dim: d, the width of the features (and of the label embeddings).
+        embedding_dim: d_e, the width of Emb(k) (Eq. 11). The paper does not
+            give it; default: ``dim``.
+        dropout: the dropout on z (Eq. 10). The paper does not give it;
+            default 0.1.
+        alpha, beta: positive and negative focusing parameters (paper: 2.0, 0.5).
+        gamma: exponent of the class-frequency weights (M / n_c)^gamma (paper:
+            one of 0.5, 1.0, 1.5; default 1.0).
+        reduction: "mean" (default: the sum of Eq. 18 divided by M), "sum"
+            (Eq. 18 as written) or "none" (the M per-utterance losses).
+        backend: "fused" (the C++/CUDA op, default) or "reference" (pure
+            PyTorch with the M x M covariances, for debugging).
+
+    ``forward(f, y, f_aug=None)``: f (M, d) features of the valid utterances,
+    y (M,) their labels in [0, K), f_aug None, a (P, M, d) tensor or a
+    sequence of P (M, d) tensors (e.g. ``[f_text, f_adv]``). Returns the loss.
+
+    The embeddings: :meth:`label_embeddings` gives z as ``forward`` uses it
+    (with dropout in training mode); :attr:`embeddings` gives z without
+    dropout and detached, for analysis.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        embedding_dim: int | None = None,
+        dropout: float = 0.1,
+        alpha: float = 2.0,
+        beta: float = 0.5,
+        gamma: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "fused",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        embedding_dim = dim if embedding_dim is None else embedding_dim
+        if num_classes < 1:
+            raise ValueError(f"SCLALoss: expected num_classes >= 1, got {num_classes}")
+        if dim < 2:
+            raise ValueError(f"SCLALoss: expected dim >= 2 (covariances divide by dim - 1), got {dim}")
+        if embedding_dim < 1:
+            raise ValueError(f"SCLALoss: expected embedding_dim >= 1, got {embedding_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"SCLALoss: expected dropout in [0, 1), got {dropout}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"SCLALoss: expected alpha >= 0 and beta >= 0, got {alpha}, {beta}")
+        if reduction not in ("none", "sum", "mean"):
+            raise ValueError(f"SCLALoss: expected reduction 'none', 'sum' or 'mean', got {reduction!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"SCLALoss: expected backend 'fused' or 'reference', got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_classes, self.dim, self.embedding_dim = num_classes, dim, embedding_dim
+        self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
+        self.reduction, self.backend = reduction, backend
+        self.embedding = nn.Embedding(num_classes, embedding_dim, **factory)  # Emb (Eq. 11)
+        self.proj = nn.Linear(embedding_dim, dim, **factory)  # W_g, b_g (Eq. 10)
+        self.dropout = nn.Dropout(dropout)
+
+    def label_embeddings(self) -> Tensor:
+        """z (K, dim) = Dropout(ReLU(W_g ReLU(Emb(k)) + b_g)), as forward uses it."""
+        e = F.relu(self.embedding.weight)
+        return self.dropout(F.relu(self.proj(e)))
+
+    @property
+    def embeddings(self) -> Tensor:
+        """z (K, dim) without dropout, detached: for analysis (e.g. similarity to features)."""
+        with torch.no_grad():
+            return F.relu(self.proj(F.relu(self.embedding.weight))).detach()
+
+    def forward(self, f: Tensor, y: Tensor, f_aug: Tensor | Sequence[Tensor] | None = None) -> Tensor:
+        if f_aug is not None and not isinstance(f_aug, Tensor):
+            f_aug = torch.stack(list(f_aug)) if len(f_aug) else None
+        z = self.label_embeddings().to(f.dtype)
+        return _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, embedding_dim={self.embedding_dim}, "
+                f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
