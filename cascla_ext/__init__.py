@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LIBRARY_PATH = _library.load()
 
 from . import nn, ops, reference  # noqa: E402
+from .config import CaSCLAConfig  # noqa: E402
+from .data import Batch, collate  # noqa: E402
+from .model import CaSCLA, CaSCLAOutput  # noqa: E402
 
 
 def build_info() -> dict:
@@ -41,4 +44,7 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "nn", "ops", "reference", "__version__"]
+__all__ = [
+    "Batch", "CaSCLA", "CaSCLAConfig", "CaSCLAOutput", "build_info", "collate", "nn", "ops",
+    "reference", "__version__",
+]

@@ -16,7 +16,6 @@ the SCLA loss, and the adversarial pass adds its own CE (Eq. 21).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._io import atomic_torch_save
 from .config import CaSCLAConfig
 from .data.batch import Batch
 from .nn import CausalInteraction, PerturbedGRU, SCLALoss, TensorRingFusion
@@ -220,20 +220,3 @@ class CaSCLA(nn.Module):
         model = cls(CaSCLAConfig.from_dict(state["config"]), state["label_names"])
         model.load_state_dict(state["state_dict"])
         return model
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a
-    crash never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

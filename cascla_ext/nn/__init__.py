@@ -1,7 +1,8 @@
 """Modules built on the fused ops, ready to drop into other models."""
 
+from .causal import CausalInteraction
 from .fusion import TensorRingFusion
 from .gru import PerturbedGRU
 from .scla import SCLALoss
 
-__all__ = ["PerturbedGRU", "TensorRingFusion", "SCLALoss"]
+__all__ = ["CausalInteraction", "PerturbedGRU", "SCLALoss", "TensorRingFusion"]

@@ -1,0 +1,149 @@
+"""Training and evaluation loops for CaSCLA."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._io import atomic_write_json
+from .config import CaSCLAConfig
+from .data import Corpus, Dialogue, collate
+from .metrics import scores
+from .model import CaSCLA
+
+__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "train"]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    grad_clip: float | None = 5.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available on this machine")
+    return torch.device(device)
+
+
+def batches(dialogues: Sequence[Dialogue], batch_size: int, modalities: Sequence[str],
+            shuffle: bool = False, generator: torch.Generator | None = None):
+    order = (torch.randperm(len(dialogues), generator=generator).tolist() if shuffle
+             else list(range(len(dialogues))))
+    for start in range(0, len(order), batch_size):
+        yield collate([dialogues[i] for i in order[start:start + batch_size]], modalities)
+
+
+@torch.no_grad()
+def predict_dialogues(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: int = 32,
+                      device: str | torch.device = "cpu", progress: bool = False) -> list[np.ndarray]:
+    """Class probabilities per dialogue: a list of (n_utterances, K) arrays."""
+    model.eval()
+    out = []
+    it = batches(dialogues, batch_size, model.config.modalities)
+    for batch in tqdm(it, total=(len(dialogues) + batch_size - 1) // batch_size, desc="predict",
+                      disable=not progress, leave=False):
+        probs = model.predict(batch.to(device)).cpu().numpy()
+        for b, n in enumerate(batch.lengths.tolist()):
+            out.append(probs[b, :n])
+    return out
+
+
+def evaluate(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: int = 32,
+             device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """Scores of ``model`` on ``dialogues`` (utterances with a label)."""
+    probs = predict_dialogues(model, dialogues, batch_size, device, progress)
+    y_true = np.concatenate([d.labels for d in dialogues])
+    y_pred = np.concatenate([p.argmax(-1) for p in probs])
+    keep = y_true >= 0
+    return scores(y_true[keep], y_pred[keep], model.label_names)
+
+
+def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
+          settings: TrainSettings) -> dict:
+    """Train on corpus' train split, pick the epoch with the best validation
+    weighted F1 (never the test split), write ``model.pt`` (that epoch) and
+    ``metrics.json`` to ``out_dir``. Returns the metrics."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(settings.device)
+    train_set, val_set = corpus.split("train"), corpus.split("val")
+    seed_everything(settings.seed)
+    model = CaSCLA(config, corpus.label_names).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    metrics = {
+        "dataset": corpus.name,
+        "seed": settings.seed,
+        "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
+        "config": config.to_dict(),
+        "label_names": corpus.label_names,
+        "epochs": [],
+        "best_epoch": None,
+        "best_val_weighted_f1": None,
+    }
+    steps_per_epoch = (len(train_set) + settings.batch_size - 1) // settings.batch_size
+    start = time.perf_counter()
+    epoch_bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=not settings.progress)
+    for epoch in epoch_bar:
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        step_bar = tqdm(batches(train_set, settings.batch_size, config.modalities, True, generator),
+                        total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
+                        disable=not settings.progress)
+        for batch in step_bar:
+            batch = batch.to(device)
+            out = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            for k, v in {"loss": out.loss, **out.losses}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            step_bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
+        train_time = time.perf_counter() - t0
+        val = evaluate(model, val_set, settings.batch_size, device)
+        record = {
+            "epoch": epoch,
+            "train": {k: v / steps_per_epoch for k, v in sums.items()},
+            "val": {k: val[k] for k in ("weighted_f1", "macro_f1", "accuracy", "per_class_f1", "n")},
+            "train_seconds": train_time,
+            "eval_seconds": time.perf_counter() - t0 - train_time,
+        }
+        metrics["epochs"].append(record)
+        best = metrics["best_val_weighted_f1"]
+        if best is None or val["weighted_f1"] > best:
+            metrics["best_epoch"], metrics["best_val_weighted_f1"] = epoch, val["weighted_f1"]
+            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed)
+        epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}", best=f"{metrics['best_val_weighted_f1']:.3f}")
+        metrics["total_seconds"] = time.perf_counter() - start
+        atomic_write_json(metrics, out_dir / "metrics.json")
+    return metrics
