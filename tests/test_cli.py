@@ -1,0 +1,79 @@
+"""The cascla command line: train + evaluate end to end, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascla_ext.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "cascla_ext", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--epochs", "2", "--quiet",
+                 "--seed", "1"]) == 0
+    assert "best epoch" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seed"] == 1 and len(metrics["epochs"]) == 2
+    assert metrics["best_epoch"] in (1, 2) and metrics["config"]["use_scla"] is True
+    assert {"val", "train", "train_seconds"} <= set(metrics["epochs"][0])
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"weighted_f1", "accuracy", "per_class_f1", "n"} <= set(result)
+    assert set(result["per_class_f1"]) == {"neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"}
+    assert 0 < result["weighted_f1"] <= 1 and result["n"] > 1000
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "val"]) == 0
+    table = capsys.readouterr().out
+    assert "weighted F1" in table and "disgust" in table
+
+
+def test_ablation_flags_reach_the_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--quiet", "--no-scla", "--no-ast",
+                 "--no-causal", "--modalities", "t,a"]) == 0
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["use_scla"], cfg["use_ast"], cfg["use_causal"]) == (False, False, False)
+    assert cfg["modalities"] == ["t", "a"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--out", "X", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train"], "the following arguments are required: --out"),
+        (["train", "--out", "X", "--epochs", "0"], "expected a positive integer"),
+        (["train", "--out", "X", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["train", "--out", "X", "--modalities", "t,x"], "unknown modality 'x'"),
+        (["train", "--out", "X", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["evaluate", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    args = [a if a != "X" else str(tmp_path / "run") for a in args]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_out_must_be_a_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = run_cli("train", "--out", str(f), "--epochs", "1", "--quiet")
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
