@@ -75,9 +75,9 @@ inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int
 }
 
 // Integer class labels of shape (n,) on `device`, each in [0, num_classes)
-// (K), with how many times each class occurs. Returns (labels as contiguous int64 on `device`,
-// counts as int64 (num_classes,) on `device`). Labels on a GPU are read back
-// once to be checked (a sync).
+// (K), with how many times each class occurs. Returns (labels as contiguous
+// int64 on `device`, counts as int64 (num_classes,) on the CPU). Labels on a
+// GPU are read back once to be checked (a sync).
 inline std::pair<at::Tensor, at::Tensor> checked_labels(const char* op, const char* name,
                                                         const at::Tensor& labels, int64_t n,
                                                         const char* shape_desc,
@@ -102,7 +102,7 @@ inline std::pair<at::Tensor, at::Tensor> checked_labels(const char* op, const ch
   }
   at::Tensor on_device = labels.scalar_type() == at::kLong ? labels.contiguous()
                                                             : labels.to(at::kLong).contiguous();
-  return {on_device, counts.to(device)};
+  return {on_device, counts};
 }
 
 }  // namespace cascla

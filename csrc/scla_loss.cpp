@@ -77,14 +77,20 @@ LabelSpace label_space(const at::Tensor& z, const at::Tensor& class_sums, int64_
   ls.zc = zd - zd.mean(1, /*keepdim=*/true);
   ls.G = at::mm(ls.zc, ls.zc.t()) / d1;
   ls.S = class_sums - class_sums.mean(1, /*keepdim=*/true);
-  ls.W = zd / static_cast<double>(M - 1) - at::mm(ls.G, ls.S) / (2 * d1);
+  ls.W = at::addmm(zd, ls.G, ls.S, /*beta=*/1.0 / static_cast<double>(M - 1), /*alpha=*/-0.5 / d1);
   return ls;
 }
 
-// (M / n_c)^gamma per class, float64 (K,) (classes absent from the batch get
-// a value that no anchor reads).
-at::Tensor class_weights(const at::Tensor& counts, int64_t M, double gamma) {
-  return (static_cast<double>(M) / counts.to(at::kDouble)).pow(gamma);
+// (M / n_c)^gamma per class as float64 (K,) on `device`, from the counts on
+// the CPU (classes absent from the batch get 0: no anchor reads them).
+at::Tensor class_weights(const at::Tensor& counts, int64_t M, double gamma, at::Device device) {
+  const int64_t K = counts.size(0);
+  const int64_t* n = counts.const_data_ptr<int64_t>();
+  at::Tensor w = at::empty({K}, counts.options().dtype(at::kDouble));
+  double* wp = w.data_ptr<double>();
+  for (int64_t c = 0; c < K; ++c)
+    wp[c] = n[c] > 0 ? std::pow(static_cast<double>(M) / static_cast<double>(n[c]), gamma) : 0.0;
+  return w.to(device);
 }
 
 // aug_logits[p, i] = f_aug[p, i] . W[y_i]: one GEMM against all of W, then
@@ -118,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
   a.logits = at::mm(fc, W.t());
   a.aug_logits = aug_similarities(f_aug.contiguous(), W, labels);
   a.y = labels;
-  a.class_weight = class_weights(counts, M, gamma);
+  a.class_weight = class_weights(counts, M, gamma, f.device());
   a.alpha = alpha;
   a.beta = beta;
   at::Tensor loss = at::empty({M}, class_sums.options());
@@ -166,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
   a.logits = logits.contiguous();
   a.aug_logits = aug_logits.contiguous();
   a.y = labels;
-  a.class_weight = class_weights(counts, M, gamma);
+  a.class_weight = class_weights(counts, M, gamma, f.device());
   a.alpha = alpha;
   a.beta = beta;
   const at::Tensor grad_d = grad.to(at::kDouble).contiguous();
