@@ -42,7 +42,7 @@ bench_k=${1:-cuda}
 start=$(date +%s)
 "$py" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider -k "$bench_k" \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds \
-  --benchmark-sort=name >"$OUT/bench.log" 2>&1
+  --benchmark-sort=name ${BENCH_OPTS:-} >"$OUT/bench.log" 2>&1
 echo "benchmarks: rc=$?, $(( $(date +%s) - start )) s"
 grep -E "^test_|^Name|benchmark '" "$OUT/bench.log" | cut -c1-150
 exit $rc
