@@ -1,0 +1,151 @@
+"""IEMOCAP transcripts in COSMIC's text pickle (``iemocap.pkl``) -> ``RawCorpus``.
+
+The pickle holds a list ``[speakers, labels, sentences, trainIds, testIds,
+validIds]``: the first three are dicts from dialogue id (``Ses01F_impro01``)
+to per-utterance lists (``'M'``/``'F'``, an int label, the text); the last
+three list dialogue ids. Labels: 0 happy, 1 sad, 2 neutral, 3 angry,
+4 excited, 5 frustrated.
+
+Security: unpickling runs whatever code the file names. Only read pickles
+from a source you trust (the same holds for ``cosmic``'s feature pickles).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Hashable, Mapping
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .meld import normalize_text
+from .raw import SPLITS, DataError, RawCorpus, RawDialogue
+
+__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "label_index", "load_pickle", "ordered_ids",
+           "read_iemocap"]
+
+#: Emotion names in the order of COSMIC's label ints.
+IEMOCAP_LABELS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
+IEMOCAP_FILE = "iemocap.pkl"
+_FIELDS = ("speakers", "labels", "sentences", "trainIds", "testIds", "validIds")
+
+
+def load_pickle(path: Path) -> Any:
+    """Unpickle ``path`` (Python 2 pickles too: ``encoding="latin1"``) or raise DataError.
+
+    Unpickling can execute arbitrary code: only load files you trust.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as err:
+        raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+def ordered_ids(ids: Any, what: str, where: str) -> list:
+    """A split's dialogue ids as a list: sequence order kept, sets (no order) sorted."""
+    if ids is None:
+        return []
+    if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
+        raise DataError(f"{where}: {what} should be a list of dialogue ids, got {type(ids).__name__}")
+    out = list(ids)
+    if isinstance(ids, (set, frozenset)):
+        out.sort(key=id_sort_key)
+    return out
+
+
+def id_sort_key(vid: Any) -> tuple:
+    """Sort key for dialogue ids of mixed types: numbers numerically, then strings."""
+    if isinstance(vid, Integral):
+        return (0, int(vid), "")
+    return (1, 0, str(vid))
+
+
+def label_index(value: Any, n_labels: int) -> int | None:
+    """``value`` as a label index in [0, n_labels), or None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():  # 2.0 from a float array
+            value = int(value)
+        else:
+            return None
+    value = int(value)
+    return value if 0 <= value < n_labels else None
+
+
+def read_iemocap(data_dir: str | Path) -> RawCorpus:
+    """Read COSMIC's IEMOCAP text pickle: ``data_dir/iemocap.pkl``, or ``data_dir`` itself if it is a file.
+
+    Splits: ``trainIds`` -> "train", ``validIds`` -> "val", ``testIds`` ->
+    "test", each in the pickle's order (sorted if stored as a set). Dialogue
+    ids are kept as in the pickle (``Ses01F_impro01``); they are unique
+    across splits. Dialogues in the dicts but in no split are ignored. Texts
+    go through ``normalize_text`` (a no-op on IEMOCAP's ASCII transcripts).
+    Label names are ``IEMOCAP_LABELS`` in that order.
+
+    Raises DataError naming the file and dialogue for a wrong layout, ids
+    missing from the dicts or listed twice, empty dialogues, lists of
+    different lengths, and labels that are not ints in 0..5.
+
+    Unpickling can execute arbitrary code: only read files you trust.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir if data_dir.is_file() else data_dir / IEMOCAP_FILE
+    if not data_dir.exists():
+        raise DataError(f"IEMOCAP: {data_dir} does not exist")
+    if not path.is_file():
+        raise DataError(f"IEMOCAP: {path} not found (expected COSMIC's {IEMOCAP_FILE} in {data_dir})")
+    obj = load_pickle(path)
+    if not isinstance(obj, (list, tuple)) or len(obj) != len(_FIELDS):
+        got = f"a {type(obj).__name__} of {len(obj)} items" if isinstance(obj, (list, tuple)) \
+            else f"a {type(obj).__name__}"
+        raise DataError(f"{path}: expected a list of {len(_FIELDS)} items [{', '.join(_FIELDS)}], got {got}")
+    speakers, labels, sentences = obj[:3]
+    for name, d in zip(_FIELDS[:3], (speakers, labels, sentences)):
+        if not isinstance(d, Mapping):
+            raise DataError(f"{path}: {name} (item {_FIELDS.index(name) + 1}) should be a dict from "
+                            f"dialogue id to a list, got {type(d).__name__}")
+    split_of = {"trainIds": "train", "validIds": "val", "testIds": "test"}
+    splits: dict[str, list[RawDialogue]] = {s: [] for s in SPLITS}
+    seen: dict[Any, str] = {}
+    for field_name in ("trainIds", "validIds", "testIds"):
+        split = split_of[field_name]
+        ids = ordered_ids(obj[_FIELDS.index(field_name)], field_name, str(path))
+        for vid in ids:
+            where = f"{path}: dialogue {vid!r} ({field_name})"
+            if not isinstance(vid, Hashable):
+                raise DataError(f"{where}: a dialogue id must be a string or an int")
+            if vid in seen:
+                raise DataError(f"{where}: listed twice (also in {seen[vid]})")
+            seen[vid] = field_name
+            absent = [n for n, d in zip(_FIELDS[:3], (speakers, labels, sentences)) if vid not in d]
+            if absent:
+                raise DataError(f"{where}: missing from {', '.join(absent)}")
+            spk, lab, sen = (list(d[vid]) for d in (speakers, labels, sentences))
+            if not spk:
+                raise DataError(f"{where}: no utterances")
+            if not len(spk) == len(lab) == len(sen):
+                raise DataError(f"{where}: mismatched lengths: {len(spk)} speakers, {len(lab)} labels, "
+                                f"{len(sen)} sentences")
+            names = []
+            for j, y in enumerate(lab):
+                k = label_index(y, len(IEMOCAP_LABELS))
+                if k is None:
+                    raise DataError(f"{where}, utterance {j}: label {y!r} is not an int in "
+                                    f"0..{len(IEMOCAP_LABELS) - 1} ({', '.join(IEMOCAP_LABELS)})")
+                names.append(IEMOCAP_LABELS[k])
+            for j, (s, t) in enumerate(zip(spk, sen)):
+                if not isinstance(s, str) or not isinstance(t, str):
+                    bad = ("speaker", s) if not isinstance(s, str) else ("sentence", t)
+                    raise DataError(f"{where}, utterance {j}: {bad[0]} {bad[1]!r} is not a string")
+            splits[split].append(RawDialogue(
+                id=str(vid), texts=[normalize_text(t) for t in sen], speakers=spk, labels=names,
+                meta={"file": str(path)},
+            ))
+    if not seen:
+        raise DataError(f"{path}: trainIds, validIds and testIds are all empty")
+    return RawCorpus(name="iemocap", label_names=list(IEMOCAP_LABELS), splits=splits, source=str(path))
