@@ -91,6 +91,7 @@ class CaSCLA(nn.Module):
             self.interaction = CausalInteraction(d_context, cfg.d_feature, cfg.d_hidden, cfg.dropout)
         else:
             self.head = nn.Linear(d_context, cfg.d_feature)
+        self.fusion_gain = cfg.fusion_gain if cfg.fusion_gain is not None else cfg.d_fused ** 0.5
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_feature, cfg.num_classes)
         if cfg.use_scla:
@@ -137,6 +138,7 @@ class CaSCLA(nn.Module):
         mask = batch.mask
         cs = {m: self.encoders[m](batch.features[m], mask) for m in cfg.modalities}
         x, xs = self.fusion(cs, mask)
+        x = x * self.fusion_gain
         labels = batch.labels
         training_losses = labels is not None and self.training
         use_ast = cfg.use_ast and training_losses and torch.is_grad_enabled()
@@ -171,7 +173,7 @@ class CaSCLA(nn.Module):
             views.append(f_adv)
         if cfg.use_scla:
             if cfg.use_text_augmentation and training_losses:
-                x_text = self.fusion.project("t", xs["t"])
+                x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
                 views.insert(0, self._context_to_features(x_text, batch, None))
             f_aug = torch.stack([v[valid] for v in views]) if views else None
             out.losses["scla"] = self.scla(f[valid], labels[valid], f_aug)
