@@ -24,7 +24,8 @@ benchmarks/pytest.ini) or a ``@pytest.mark.benchmark(...)`` on the test.
 ``--quick`` (or ``CASCLA_BENCH_QUICK=1``) shrinks shapes and sweeps for a
 smoke run; the benchmark files choose their shapes with :func:`pick`.
 ``--cpu-threads N`` sets ``torch.set_num_threads(N)`` (recorded in
-``device_name``).
+``device_name``); the default is 1 (per-core figures, comparable across
+machines and stable on shared or virtual ones), 0 keeps torch's choice.
 
 Run: ``pytest benchmarks --benchmark-only --benchmark-json=out.json``.
 """
@@ -61,9 +62,10 @@ def pytest_addoption(parser):
         help="cascla benchmarks: small shapes and short sweeps (a smoke run, not for results)",
     )
     parser.addoption(
-        "--cpu-threads", type=int, default=None, metavar="N",
-        help="cascla benchmarks: torch.set_num_threads(N) for the CPU runs (default: torch's choice; "
-             "on a shared machine 1 avoids parallel regions stalling on descheduled threads)",
+        "--cpu-threads", type=int, default=1, metavar="N",
+        help="cascla benchmarks: torch.set_num_threads(N) for the CPU runs (default 1: per-core "
+             "figures, stable on shared machines where parallel regions stall on descheduled "
+             "threads; 0: torch's choice)",
     )
 
 
