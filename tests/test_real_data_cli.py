@@ -241,3 +241,19 @@ def test_meld_slice_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "test",
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
     assert "has no split 'test'" in capsys.readouterr().err
+
+
+def test_finetuned_encoder_is_recorded_and_reused(tmp_path, jsonl_dir, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--epochs", "1",
+                 "--quiet", "--preset", "small", "--clues", "none", "--finetune-encoder",
+                 "--cache-dir", str(cache)]) == 0
+    features = json.loads((out / "metrics.json").read_text())["data"]["features"]
+    tuned = Path(features["finetune_dir"])
+    assert features["finetune_encoder"] is True and (tuned / "config.json").is_file()
+    assert tuned.is_relative_to(cache)
+    capsys.readouterr()
+    # evaluate re-extracts with the fine-tuned encoder recorded in the checkpoint
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "test", "--json",
+                 "--cache-dir", str(cache), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] > 0
