@@ -284,3 +284,20 @@ def test_short_training_beats_majority_baseline(corpus, tmp_path):
 
     baseline = scores(y, np.full_like(y, majority), list(LABELS))["weighted_f1"]
     assert result["weighted_f1"] > baseline + 0.15, (result["weighted_f1"], baseline)
+
+
+def test_fusion_gain_scales_the_gru_input(corpus):
+    """fusion_gain multiplies the fused x before the GRU: default sqrt(d_fused), 1.0 = literal Eq. 6."""
+    default = make_model(corpus)
+    assert default.fusion_gain == pytest.approx(default.config.d_fused ** 0.5)
+    literal = make_model(corpus, fusion_gain=1.0)
+    literal.load_state_dict(default.state_dict())
+    seen = {}
+    for name, model in (("default", default), ("literal", literal)):
+        handle = model.gru.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
+        model.eval()
+        model(make_batch(corpus))
+        handle.remove()
+    assert_close(seen["default"], seen["literal"] * default.fusion_gain)
+    with pytest.raises(ValueError, match="fusion_gain must be > 0"):
+        CaSCLAConfig.small(fusion_gain=0.0)
