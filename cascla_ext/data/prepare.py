@@ -92,21 +92,9 @@ def _cache(options: FeatureOptions):
     return FeatureCache(options.cache_dir or default_cache_dir())
 
 
-def _text_hash(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _files_key(folder: str) -> list:
-    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(folder).glob("*.csv"))
-
-
 def _load_encoder(options: FeatureOptions, raw: RawCorpus | None):
     """The text encoder, fine-tuned on raw's training split if asked."""
-    from ..features import TextEncoder, finetune_encoder
+    from ..features import TextEncoder, finetune_encoder, texts_sha256
 
     encoder = TextEncoder(options.encoder, device=options.device, batch_size=options.batch_size)
     if not options.finetune_encoder:
@@ -123,7 +111,7 @@ def _load_encoder(options: FeatureOptions, raw: RawCorpus | None):
     if not texts:
         raise ValueError(f"{raw.name}: no labelled training utterance to fine-tune the encoder on")
     if not finetuned:
-        key = hashlib.sha256(json.dumps([encoder.fingerprint, _text_hash(texts), labels,
+        key = hashlib.sha256(json.dumps([encoder.fingerprint, texts_sha256(texts), labels,
                                          options.finetune_epochs]).encode()).hexdigest()[:16]
         from ..features import default_cache_dir
 
@@ -150,27 +138,27 @@ def _resolve_clue_kind(dialogues: list[RawDialogue], options: FeatureOptions) ->
 
 def _extract_clues(kind: str, base_encoder, texts: list[str], options: FeatureOptions,
                    embeddings: np.ndarray | None = None) -> np.ndarray:
-    from ..features import AtomicClues, CometClues
+    """Clues of ``texts``, cached under the extractor's fingerprint (which
+    covers its files, settings and encoder) and the texts."""
+    from ..features import AtomicClues, CometClues, texts_sha256
 
     cache = _cache(options)
     if kind == "atomic":
-        key = {"kind": "atomic", "files": _files_key(options.atomic_dir),
-               "encoder": base_encoder.fingerprint, "texts": _text_hash(texts)}
+        extractor = AtomicClues(options.atomic_dir, base_encoder, cache=cache, progress=options.progress)
 
         def compute():
-            return AtomicClues(options.atomic_dir, base_encoder, cache=cache,
-                               progress=options.progress)(texts, embeddings=embeddings)
+            return extractor(texts, embeddings=embeddings)
     elif kind == "comet":
-        key = {"kind": "comet", "path": str(Path(options.comet).resolve()), "texts": _text_hash(texts),
-               "files": sorted((p.name, p.stat().st_size) for p in Path(options.comet).iterdir())}
+        extractor = CometClues(options.comet, device=options.device, progress=options.progress)
 
         def compute():
-            return CometClues(options.comet, device=options.device, progress=options.progress)(texts)
+            return extractor(texts)
     else:
         raise AssertionError(kind)
     if cache is None:
         return compute()
-    return cache.get_or_compute("clues", key, compute)
+    return cache.get_or_compute("clues", {"extractor": extractor.fingerprint, "texts": texts_sha256(texts)},
+                                compute)
 
 
 def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], options: FeatureOptions,
