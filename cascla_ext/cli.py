@@ -258,13 +258,11 @@ def _format_summary(summary: dict) -> str:
 
 
 def _checkpoint_data(path: str) -> tuple:
-    import torch
-
+    """The model and the data settings it was trained with (one read of the file)."""
     from .model import CaSCLA
 
-    model = CaSCLA.load(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    data = state.get("data") or {"dataset": state.get("dataset", "synthetic")}
+    model, extra = CaSCLA.load_checkpoint(path)
+    data = extra.get("data") or {"dataset": extra.get("dataset", "synthetic")}
     return model, data
 
 

@@ -209,6 +209,13 @@ class CaSCLA(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CaSCLA:
         """A model from a checkpoint written by :meth:`save` (no training arguments needed)."""
+        return cls.load_checkpoint(path, map_location)[0]
+
+    @classmethod
+    def load_checkpoint(cls, path: str | os.PathLike,
+                        map_location: str | torch.device = "cpu") -> tuple[CaSCLA, dict]:
+        """The model and the checkpoint's other entries (the ``**extra`` given
+        to :meth:`save`: dataset, data and feature settings, epoch, seed)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -221,4 +228,5 @@ class CaSCLA(nn.Module):
                              f"{state.get('format') if isinstance(state, dict) else '?'})")
         model = cls(CaSCLAConfig.from_dict(state["config"]), state["label_names"])
         model.load_state_dict(state["state_dict"])
-        return model
+        extra = {k: v for k, v in state.items() if k not in ("format", "config", "label_names", "state_dict")}
+        return model, extra
