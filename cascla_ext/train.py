@@ -19,7 +19,8 @@ from .data import Corpus, Dialogue, collate
 from .metrics import scores
 from .model import CaSCLA
 
-__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "train", "train_seeds"]
+__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "summarise_scores", "train",
+           "train_seeds"]
 
 
 @dataclass
@@ -164,6 +165,16 @@ def _mean_std(values: list[float]) -> dict:
             "values": [float(v) for v in a]}
 
 
+def summarise_scores(runs: Sequence[dict], label_names: Sequence[str]) -> dict:
+    """Mean and standard deviation (and the values) over runs of the scores
+    :func:`evaluate` returns: weighted F1, accuracy, macro F1, each class's F1."""
+    return {
+        "n": runs[0]["n"],
+        **{k: _mean_std([r[k] for r in runs]) for k in ("weighted_f1", "accuracy", "macro_f1")},
+        "per_class_f1": {c: _mean_std([r["per_class_f1"][c] for r in runs]) for c in label_names},
+    }
+
+
 def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike, settings: TrainSettings,
                 seeds: Sequence[int], data_info: dict | None = None,
                 report_splits: Sequence[str] = ("val",)) -> dict:
@@ -181,24 +192,21 @@ def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike
     for seed in seeds:
         run_dir = out_dir / f"seed_{seed}"
         metrics = train(config, corpus, run_dir, dc_replace(settings, seed=seed), data_info)
-        model = CaSCLA.load(run_dir / "model.pt").to(resolve_device(settings.device))
-        scored = {s: evaluate(model, corpus.split(s), settings.batch_size, settings.device) for s in splits}
+        # The selection split was scored at the best epoch already; the others
+        # are scored with that epoch's checkpoint.
+        scored = {settings.select_split: metrics["epochs"][metrics["best_epoch"] - 1]["val"]}
+        if splits[1:]:
+            model = CaSCLA.load(run_dir / "model.pt").to(resolve_device(settings.device))
+            scored.update({s: evaluate(model, corpus.split(s), settings.batch_size, settings.device)
+                           for s in splits[1:]})
         runs.append({"seed": seed, "best_epoch": metrics["best_epoch"], "scores": scored,
                      "seconds": metrics["total_seconds"]})
     summary = {"dataset": corpus.name, "seeds": list(seeds), "select_split": settings.select_split,
                "config": config.to_dict(), "data": data_info or {"dataset": corpus.name}, "splits": {}}
+    keep = ("weighted_f1", "accuracy", "macro_f1", "per_class_f1")
     for s in splits:
-        per = [r["scores"][s] for r in runs]
-        summary["splits"][s] = {
-            "n": per[0]["n"],
-            "weighted_f1": _mean_std([p["weighted_f1"] for p in per]),
-            "accuracy": _mean_std([p["accuracy"] for p in per]),
-            "macro_f1": _mean_std([p["macro_f1"] for p in per]),
-            "per_class_f1": {k: _mean_std([p["per_class_f1"][k] for p in per]) for k in corpus.label_names},
-        }
-    summary["runs"] = [{k: v for k, v in r.items() if k != "scores"} |
-                       {"scores": {s: {k: r["scores"][s][k] for k in ("weighted_f1", "accuracy", "macro_f1",
-                                                                       "per_class_f1")} for s in splits}}
+        summary["splits"][s] = summarise_scores([r["scores"][s] for r in runs], corpus.label_names)
+    summary["runs"] = [{**r, "scores": {s: {k: r["scores"][s][k] for k in keep} for s in splits}}
                        for r in runs]
     atomic_write_json(summary, out_dir / "summary.json")
     return summary

@@ -35,7 +35,7 @@ from cascla_ext import CaSCLAConfig  # noqa: E402
 from cascla_ext._io import atomic_write, atomic_write_json  # noqa: E402
 from cascla_ext.data import FeatureOptions, load_dataset  # noqa: E402
 from cascla_ext.metrics import scores  # noqa: E402
-from cascla_ext.train import TrainSettings, train_seeds  # noqa: E402
+from cascla_ext.train import TrainSettings, summarise_scores, train_seeds  # noqa: E402
 
 VARIANTS = {
     "CaSCLA (full)": {},
@@ -84,17 +84,7 @@ def logistic_regression(corpus, seeds, select="holdout", report="val") -> dict:
             if best is None or sel > best[0]:
                 best = (sel, wd, rep)
         runs.append({"seed": seed, "weight_decay": best[1], "scores": best[2]})
-    return _summarise([r["scores"] for r in runs], corpus.label_names) | {"runs": runs}
-
-
-def _summarise(per: list[dict], names) -> dict:
-    def ms(v):
-        a = np.asarray(v, dtype=np.float64)
-        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
-
-    return {"n": per[0]["n"], "weighted_f1": ms([p["weighted_f1"] for p in per]),
-            "accuracy": ms([p["accuracy"] for p in per]), "macro_f1": ms([p["macro_f1"] for p in per]),
-            "per_class_f1": {k: ms([p["per_class_f1"][k] for p in per]) for k in names}}
+    return summarise_scores([r["scores"] for r in runs], corpus.label_names) | {"runs": runs}
 
 
 def fmt(stat) -> str:
