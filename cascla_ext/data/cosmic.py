@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .batch import CLUE_RELATIONS
-from .iemocap import IEMOCAP_LABELS, id_sort_key, label_index, load_pickle, ordered_ids
+from .iemocap import IEMOCAP_LABELS, id_sort_key, label_names_of, load_pickle, ordered_ids
 from .meld import MELD_LABELS, normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
 
@@ -359,13 +359,7 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
             n = len(labels)
             if n == 0:
                 raise DataError(f"{where}: no utterances")
-            names = []
-            for j, y in enumerate(labels):
-                k = label_index(y, len(label_names))
-                if k is None:
-                    raise DataError(f"{where}, utterance {j}: label {y!r} is not an int in "
-                                    f"0..{len(label_names) - 1} ({', '.join(label_names)})")
-                names.append(label_names[k])
+            names = label_names_of(labels, label_names, where)
             speakers = _speaker_names(items["speakers"][vid], where)
             sentences = [s.decode("latin-1") if isinstance(s, bytes) else s for s in items["sentences"][vid]]
             if not len(speakers) == n == len(sentences):

@@ -13,7 +13,7 @@ from a source you trust (the same holds for ``cosmic``'s feature pickles).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from .meld import normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
 
-__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "label_index", "load_pickle", "ordered_ids",
+__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "label_index", "label_names_of", "load_pickle", "ordered_ids",
            "read_iemocap"]
 
 #: Emotion names in the order of COSMIC's label ints.
@@ -75,6 +75,18 @@ def label_index(value: Any, n_labels: int) -> int | None:
             return None
     value = int(value)
     return value if 0 <= value < n_labels else None
+
+
+def label_names_of(labels: Sequence[Any], label_names: Sequence[str], where: str) -> list[str]:
+    """Integer labels as label names; DataError naming ``where`` and the utterance otherwise."""
+    names = []
+    for j, y in enumerate(labels):
+        k = label_index(y, len(label_names))
+        if k is None:
+            raise DataError(f"{where}, utterance {j}: label {y!r} is not an int in "
+                            f"0..{len(label_names) - 1} ({', '.join(label_names)})")
+        names.append(label_names[k])
+    return names
 
 
 def read_iemocap(data_dir: str | Path) -> RawCorpus:
@@ -131,13 +143,7 @@ def read_iemocap(data_dir: str | Path) -> RawCorpus:
             if not len(spk) == len(lab) == len(sen):
                 raise DataError(f"{where}: mismatched lengths: {len(spk)} speakers, {len(lab)} labels, "
                                 f"{len(sen)} sentences")
-            names = []
-            for j, y in enumerate(lab):
-                k = label_index(y, len(IEMOCAP_LABELS))
-                if k is None:
-                    raise DataError(f"{where}, utterance {j}: label {y!r} is not an int in "
-                                    f"0..{len(IEMOCAP_LABELS) - 1} ({', '.join(IEMOCAP_LABELS)})")
-                names.append(IEMOCAP_LABELS[k])
+            names = label_names_of(lab, IEMOCAP_LABELS, where)
             for j, (s, t) in enumerate(zip(spk, sen)):
                 if not isinstance(s, str) or not isinstance(t, str):
                     bad = ("speaker", s) if not isinstance(s, str) else ("sentence", t)
