@@ -38,3 +38,18 @@ def assert_close(actual, expected, dtype=None, *, atol=None, rtol=None, msg=""):
     if rtol is None:
         rtol = 1e-8 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
+
+
+def assert_compiled_matches_eager(f, inputs: dict) -> None:
+    """``torch.compile(f, fullgraph=True)`` (aot_eager) gives the value and the
+    gradients (to every tensor of ``inputs``, by name) that eager ``f`` gives."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = [v.detach().clone().requires_grad_(True) for v in inputs.values()]
+    b = [v.detach().clone().requires_grad_(True) for v in inputs.values()]
+    out_c = compiled(*a)
+    out_e = f(*b)
+    assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    for name, va, vb in zip(inputs, a, b):
+        assert_close(va.grad, vb.grad, msg=name)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cascla_ext import ops, reference
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, assert_compiled_matches_eager, requires_cuda
 
 GRAD_NAMES = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "rho"]
 
@@ -229,16 +229,7 @@ def test_torch_compile_fullgraph(device):
         y, h = ops.perturbed_gru(x, h0, w_ih, w_hh, b_ih, b_hh, rho, lens, True)
         return (y.sin().sum() + h.square().sum())
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = [v.detach().clone().requires_grad_(True) for v in args.values()]
-    b = [v.detach().clone().requires_grad_(True) for v in args.values()]
-    out_c = compiled(*a)
-    out_e = f(*b)
-    assert_close(out_c, out_e)
-    out_c.backward()
-    out_e.backward()
-    for name, va, vb in zip(GRAD_NAMES, a, b):
-        assert_close(va.grad, vb.grad, msg=name)
+    assert_compiled_matches_eager(f, dict(zip(GRAD_NAMES, args.values())))
 
 
 def test_double_backward_raises(device):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cascla_ext import ops, reference
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, assert_compiled_matches_eager, requires_cuda
 
 REDUCTIONS = ["none", "sum", "mean"]
 GRAD_NAMES = ["f", "f_aug", "z"]
@@ -316,16 +316,7 @@ def test_torch_compile_fullgraph(device):
     def f(feat, aug, z):
         return ops.scla_loss(feat, aug, z, y, reduction="sum") + ops.scla_loss(feat, None, z, y)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = [args[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES]
-    b = [args[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES]
-    out_c = compiled(*a)
-    out_e = f(*b)
-    assert_close(out_c, out_e)
-    out_c.backward()
-    out_e.backward()
-    for name, va, vb in zip(GRAD_NAMES, a, b):
-        assert_close(va.grad, vb.grad, msg=name)
+    assert_compiled_matches_eager(f, {k: args[k] for k in GRAD_NAMES})
 
 
 def test_double_backward_raises(device):
