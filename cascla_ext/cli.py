@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic corpus")
     t.add_argument("--select-on", choices=("val", "holdout"), default="val",
                    help="split that picks the best epoch: val, or holdout (10%% of the training "
-                        "dialogues, which leaves val untouched for reporting)")
+                        "dialogues, set aside before any fine-tuning; leaves val untouched for "
+                        "reporting)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="dialogues per batch")
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="Adam learning rate (default: 1e-3 with the small and base presets, the "
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PRESETS = ("small", "base", "paper")
+#: Fraction of the training dialogues that --select-on holdout sets aside.
+HOLDOUT_FRACTION = 0.1
 
 
 def _feature_options(args, stored: dict | None = None):
@@ -187,14 +190,15 @@ def _reader_options(args, stored: dict | None = None) -> dict:
     return out
 
 
-def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, reader_options: dict):
+def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, reader_options: dict,
+                 holdout: float | None = None):
     from .data import load_dataset
 
     if dataset == "synthetic":
-        return load_dataset("synthetic", seed=data_seed)
+        return load_dataset("synthetic", seed=data_seed, holdout=holdout)
     if not data_dir:
         raise CLIError(f"cascla: --dataset {dataset} needs --data-dir (the folder of its files)")
-    return load_dataset(dataset, data_dir=data_dir, features=options, **reader_options)
+    return load_dataset(dataset, data_dir=data_dir, features=options, holdout=holdout, **reader_options)
 
 
 def _train(args) -> int:
@@ -207,9 +211,10 @@ def _train(args) -> int:
         raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
     options = _feature_options(args)
     reader_options = _reader_options(args)
-    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options)
-    if args.select_on == "holdout":
-        corpus = corpus.with_holdout(0.1, seed=0)
+    # The hold-out is split off before features are extracted: a fine-tuned
+    # encoder must not have trained on the dialogues that pick the best epoch.
+    holdout = HOLDOUT_FRACTION if args.select_on == "holdout" else None
+    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout)
     preset = args.preset or ("small" if args.dataset == "synthetic" else "base")
     modalities = args.modalities or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims)
     missing = [m for m in modalities if m not in corpus.input_dims]
@@ -232,7 +237,8 @@ def _train(args) -> int:
                              device=args.device, progress=not args.quiet, select_split=args.select_on)
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                 "features": options.to_dict(), "reader_options": reader_options, "preset": preset}
+                 "features": options.to_dict(), "reader_options": reader_options, "preset": preset,
+                 "holdout": holdout}
     if args.seeds:
         summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info)
         print(_format_summary(summary))
@@ -277,7 +283,10 @@ def _evaluate(args) -> int:
     data_dir = args.data_dir or (data.get("data_dir") if dataset == data.get("dataset") else None)
     data_seed = args.data_seed if args.data_seed is not None else data.get("data_seed", 0)
     options = _feature_options(args, data.get("features"))
-    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data))
+    # The training run's hold-out, so that a fine-tuned encoder is found again
+    # (its cache key covers the texts it trained on).
+    holdout = data.get("holdout") if dataset == data.get("dataset") else None
+    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data), holdout)
     if corpus.label_names != model.label_names:
         raise CLIError(f"cascla evaluate: the checkpoint's labels {model.label_names} are not the "
                        f"dataset's {corpus.label_names}")

@@ -126,6 +126,51 @@ def test_holdout_leaves_val_alone(tmp_path, jsonl_dir):
     assert [d.id for d in again.split("holdout")] == [d.id for d in held.split("holdout")]
 
 
+def test_holdout_is_split_off_before_features(tmp_path, jsonl_dir):
+    opts = dict(clues="none", cache_dir=str(tmp_path / "c"), progress=False)
+    corpus = load_dataset("jsonl", data_dir=str(jsonl_dir), features=FeatureOptions(**opts))
+    early = load_dataset("jsonl", data_dir=str(jsonl_dir), features=FeatureOptions(**opts), holdout=0.25)
+    late = corpus.with_holdout(0.25, seed=0)
+    for split in ("train", "holdout", "val", "test"):  # the same rule on raw and prepared corpora
+        assert [d.id for d in early.split(split)] == [d.id for d in late.split(split)]
+    np.testing.assert_array_equal(early.split("holdout")[0].features["t"], late.split("holdout")[0].features["t"])
+    synthetic = load_dataset("synthetic", holdout=0.1)
+    assert len(synthetic.split("holdout")) == round(0.1 * len(load_dataset("synthetic").split("train")))
+    with pytest.raises(ValueError, match="holdout fraction must be in"):
+        load_dataset("jsonl", data_dir=str(jsonl_dir), features=FeatureOptions(**opts), holdout=1.5)
+
+
+def test_finetuning_never_sees_the_holdout(tmp_path, jsonl_dir, monkeypatch, capsys):
+    import cascla_ext.features as features_pkg
+
+    seen = []
+    real = features_pkg.finetune_encoder
+
+    def spy(encoder, texts, labels, *args, **kwargs):
+        seen.append(len(texts))
+        return real(encoder, texts, labels, *args, **kwargs)
+
+    monkeypatch.setattr(features_pkg, "finetune_encoder", spy)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--epochs", "1",
+                 "--quiet", "--preset", "small", "--clues", "none", "--finetune-encoder", "--select-on", "holdout",
+                 "--cache-dir", str(cache)]) == 0
+    corpus = load_dataset("jsonl", data_dir=str(jsonl_dir), holdout=0.1,
+                          features=FeatureOptions(clues="none", cache_dir=str(tmp_path / "c2"), progress=False))
+    n_train = sum(len(d.labels) for d in corpus.split("train"))
+    assert seen == [n_train]  # the training split without the hold-out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["holdout"] == 0.1
+    marker = Path(metrics["data"]["features"]["finetune_dir"]) / "cascla_finetune.json"
+    before = marker.read_text()
+    capsys.readouterr()
+    # evaluate splits the same hold-out off, so it finds the same fine-tune instead of training another
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "val", "--json",
+                 "--cache-dir", str(cache), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] > 0
+    assert marker.read_text() == before and len(seen) == 2
+
+
 def test_train_evaluate_predict_on_jsonl(tmp_path, jsonl_dir, atomic_dir, capsys):
     out, cache = tmp_path / "run", str(tmp_path / "cache")
     assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out),

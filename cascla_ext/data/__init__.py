@@ -8,7 +8,7 @@ import numpy as np
 
 from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
 from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
-from .raw import DataError, RawCorpus, RawDialogue
+from .raw import DataError, RawCorpus, RawDialogue, holdout_indices
 from .synthetic import make_synthetic
 
 __all__ = [
@@ -42,14 +42,7 @@ class Corpus:
         training dialogues (removed from ``train``): a selection split that
         leaves ``val`` untouched for reporting."""
         train = self.split("train")
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
-        n = max(1, round(fraction * len(train)))
-        if n >= len(train):
-            raise ValueError(f"dataset {self.name}: {len(train)} training dialogues are too few to hold "
-                             "some out")
-        order = np.random.default_rng(seed).permutation(len(train))
-        held = set(order[:n].tolist())
+        held = holdout_indices(len(train), fraction, seed, self.name)
         splits = dict(self.splits)
         splits["train"] = [d for i, d in enumerate(train) if i not in held]
         splits["holdout"] = [d for i, d in enumerate(train) if i in held]
@@ -57,12 +50,16 @@ class Corpus:
 
 
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
-                 features: FeatureOptions | None = None, **reader_options) -> Corpus:
+                 features: FeatureOptions | None = None, holdout: float | None = None,
+                 **reader_options) -> Corpus:
     """Load a dataset by name.
 
     ``synthetic``: the built-in corpus (``seed`` picks it). ``meld``,
     ``iemocap``, ``cosmic``, ``jsonl``: read from ``data_dir``, with text
     features and clues extracted as ``features`` says (and cached).
+    ``holdout``: a fraction of the training dialogues to move to a
+    ``holdout`` split (seed 0) before any feature is extracted, so that a
+    fine-tuned encoder (``features.finetune_encoder``) does not train on it.
     """
     if name == "synthetic":
         from .synthetic import LABELS
@@ -72,9 +69,10 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
         for dialogues in splits.values():
             for d in dialogues:
                 d.validate()
-        return Corpus(name=name, splits=splits, label_names=list(LABELS),
-                      input_dims={m: x.shape[1] for m, x in first.features.items()},
-                      clue_dim=first.clues.shape[2])
+        corpus = Corpus(name=name, splits=splits, label_names=list(LABELS),
+                        input_dims={m: x.shape[1] for m, x in first.features.items()},
+                        clue_dim=first.clues.shape[2])
+        return corpus.with_holdout(holdout, seed=0) if holdout else corpus
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if data_dir is None:
@@ -82,4 +80,6 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     from .readers import read_raw
 
     raw = read_raw(name, data_dir, **reader_options)
+    if holdout:
+        raw = raw.with_holdout(holdout, seed=0)
     return prepare_corpus(raw, features or FeatureOptions())

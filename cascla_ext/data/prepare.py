@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .batch import CLUE_RELATIONS, Dialogue
-from .raw import SPLITS, DataError, RawCorpus, RawDialogue
+from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
 __all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
 
@@ -237,7 +237,7 @@ def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
     if options.clues == "auto":
         options.clues = kind
     splits, k = {}, 0
-    for s in SPLITS:
+    for s in (*SPLITS, HOLDOUT):
         n = len(raw.splits.get(s, []))
         splits[s] = prepared[k:k + n]
         k += n

@@ -13,9 +13,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DataError", "RawCorpus", "RawDialogue", "SPLITS"]
+__all__ = ["DataError", "HOLDOUT", "RawCorpus", "RawDialogue", "SPLITS", "holdout_indices"]
 
 SPLITS = ("train", "val", "test")
+#: A selection split carved out of the training dialogues (``with_holdout``).
+HOLDOUT = "holdout"
+
+
+def holdout_indices(n_train: int, fraction: float, seed: int, name: str) -> set[int]:
+    """The positions of the training dialogues that a hold-out of ``fraction``
+    takes (deterministic in ``seed``); the same rule for raw and prepared corpora."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    n = max(1, round(fraction * n_train))
+    if n >= n_train:
+        raise ValueError(f"dataset {name}: {n_train} training dialogues are too few to hold some out")
+    return set(np.random.default_rng(seed).permutation(n_train)[:n].tolist())
 
 
 class DataError(ValueError):
@@ -49,7 +62,8 @@ class RawDialogue:
 
 @dataclass
 class RawCorpus:
-    """A dataset's splits ("train", "val", "test"; absent splits are empty lists)."""
+    """A dataset's splits ("train", "val", "test" and, after :meth:`with_holdout`,
+    "holdout"; absent splits are empty lists)."""
 
     name: str
     label_names: list[str]
@@ -57,4 +71,15 @@ class RawCorpus:
     source: str = ""  # where it was read from, for messages and cache keys
 
     def dialogues(self) -> list[RawDialogue]:
-        return [d for s in SPLITS for d in self.splits.get(s, [])]
+        return [d for s in (*SPLITS, HOLDOUT) for d in self.splits.get(s, [])]
+
+    def with_holdout(self, fraction: float = 0.1, seed: int = 0) -> RawCorpus:
+        """A copy whose ``holdout`` split is ``fraction`` of the training
+        dialogues (removed from ``train``). Done before feature extraction, a
+        fine-tuned encoder never sees the hold-out that selects the best epoch."""
+        train = self.splits.get("train") or []
+        held = holdout_indices(len(train), fraction, seed, self.name)
+        splits = dict(self.splits)
+        splits["train"] = [d for i, d in enumerate(train) if i not in held]
+        splits[HOLDOUT] = [d for i, d in enumerate(train) if i in held]
+        return RawCorpus(self.name, self.label_names, splits, self.source)
