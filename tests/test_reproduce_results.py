@@ -1,0 +1,59 @@
+"""tools/reproduce_results.py: the page it builds from finished rows (the
+experiments themselves take an hour of CPU and are not run here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cascla_ext.train import summarise_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "reproduce_results.py"
+LABELS = ["neutral", "fear"]
+
+
+def _scores(wf1: float) -> dict:
+    return {"n": 10, "weighted_f1": wf1, "accuracy": wf1 + 0.01, "macro_f1": wf1 - 0.1,
+            "per_class_f1": {"neutral": 0.8, "fear": wf1 / 2}}
+
+
+def _rows(out: Path, features: str, ds: str, finetune_epochs=None) -> None:
+    rows = {"CaSCLA (lambda 0.1)": summarise_scores([_scores(0.5), _scores(0.52)], LABELS),
+            "Logistic regression (context-free)": summarise_scores([_scores(0.4), _scores(0.4)], LABELS)}
+    meta = {"seeds": [0, 1], "epochs": 3, "finetune_epochs": finetune_epochs, "torch": "x", "threads": 1,
+            "finished": "2026-01-01 00:00", "label_names": LABELS, "n_val": 10}
+    (out / features / ds).mkdir(parents=True)
+    (out / features / ds / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, check=False,
+                          timeout=120)
+
+
+def test_page_from_finished_rows_keeps_the_discussion(tmp_path):
+    out, doc = tmp_path / "runs", tmp_path / "results.md"
+    _rows(out, "frozen", "meld")
+    _rows(out, "finetuned", "iemocap", finetune_epochs=2)
+    doc.write_text("# old\n\nold tables\n\n## Discussion\n\nWhat reproduces.\n")
+    r = _run("--doc-only", "--out", out, "--doc", doc)
+    assert r.returncode == 0, r.stderr
+    text = doc.read_text()
+    assert "old tables" not in text and text.rstrip().endswith("What reproduces.")
+    assert "### MELD validation (10 utterances), frozen encoder, seeds 0, 1" in text
+    assert "### IEMOCAP validation (10 utterances), encoder fine-tuned for 2 epochs, seeds 0, 1" in text
+    # mean ± sample standard deviation over the two seeds, in points
+    assert "| CaSCLA (lambda 0.1) | 51.00 ± 1.41 | 41.00 ± 1.41 | 52.00 ± 1.41 | 80.0 | 25.5 |" in text
+    assert "| Logistic regression (context-free) | 40.00 ± 0.00 |" in text
+
+
+def test_bad_arguments_and_no_results_fail_clearly(tmp_path):
+    r = _run("--doc-only", "--out", tmp_path / "nothing", "--doc", tmp_path / "r.md")
+    assert r.returncode != 0 and "no results under" in r.stderr and not (tmp_path / "r.md").exists()
+    r = _run("--variants", "CaSCLA (huge)", "--doc", tmp_path / "r.md")
+    assert r.returncode == 2 and "unknown variants" in r.stderr
+    r = _run("--features", "warm", "--doc", tmp_path / "r.md")
+    assert r.returncode == 2 and "unknown features or datasets: ['warm']" in r.stderr
