@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
 from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
 from .raw import DataError, RawCorpus, RawDialogue, holdout_indices
