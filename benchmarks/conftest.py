@@ -89,6 +89,19 @@ def pick(full, small):
     return small if quick() else full
 
 
+_COMPILED: dict = {}
+
+
+def compiled_once(fn: Callable, **options) -> Callable:
+    """``torch.compile(fn, **options)``, built once per session and shared by
+    every test that times it (the compilation itself happens on the first
+    call, which the benchmark files make outside the timed rounds)."""
+    key = (fn, tuple(sorted(options.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, **options)
+    return _COMPILED[key]
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

@@ -23,22 +23,12 @@ import pytest
 import torch
 
 from cascla_ext import ops, reference
-from conftest import DEVICES, pick, run_benchmark
+from conftest import DEVICES, compiled_once, pick, run_benchmark
 
 SHAPES = pick({"M1024": 1024, "M4096": 4096, "M16384": 16384}, {"quick_M256": 256})
 SWEEP_M = pick([512, 1024, 2048, 4096, 8192, 16384], [128, 256])
 REFERENCE_MAX_M = {"cpu": 4096, "cuda": 16384}
 D, K, P = 600, 7, 2
-
-_compiled = None
-
-
-def compiled_reference():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(reference.scla_loss, dynamic=False)
-    return _compiled
-
 
 def make_step(device: str, M: int, mode: str, impl: str):
     if impl != "fused" and M > REFERENCE_MAX_M[device]:
@@ -50,7 +40,8 @@ def make_step(device: str, M: int, mode: str, impl: str):
     f_aug = (f.detach() + 0.1 * torch.randn(P, M, D, device=device)).requires_grad_(grad)
     z = torch.randn(K, D, device=device, requires_grad=grad)
     y = torch.randint(K, (M,), device=device)
-    fn = {"fused": ops.scla_loss, "reference": reference.scla_loss}.get(impl) or compiled_reference()
+    fn = ({"fused": ops.scla_loss, "reference": reference.scla_loss}.get(impl)
+          or compiled_once(reference.scla_loss, dynamic=False))
 
     def step():
         with torch.set_grad_enabled(grad):

@@ -17,22 +17,13 @@ import pytest
 import torch
 
 from cascla_ext import ops, reference
-from conftest import DEVICES, pick, run_benchmark
+from conftest import DEVICES, compiled_once, pick, run_benchmark
 
 SHAPES = pick({"meld_T24_B32": (32, 24), "iemocap_T110_B16": (16, 110)},
               {"quick_T8_B4": (4, 8)})
 SWEEP_B = pick(16, 4)
 SWEEP_T = pick([8, 16, 32, 64, 128], [4, 8])
 N_MODALITIES, RANK = 3, 16
-
-_compiled = {}
-
-
-def compiled_reference():
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(reference.tr_attention)
-    return _compiled["fn"]
-
 
 def make_inputs(B, T, device, requires_grad):
     g = torch.Generator().manual_seed(0)
@@ -51,7 +42,7 @@ def make_step(device: str, B: int, T: int, mode: str, impl: str):
     torch.manual_seed(0)
     q1, q2, k1, k2, mask = make_inputs(B, T, device, requires_grad=mode == "fwd_bwd")
     inputs = [*q1, *q2, *k1, *k2]
-    fn = compiled_reference() if impl == "compiled" else {
+    fn = compiled_once(reference.tr_attention) if impl == "compiled" else {
         "fused": ops.tr_attention, "reference": reference.tr_attention}[impl]
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(B, T, RANK, RANK, generator=g).to(device) for _ in range(N_MODALITIES)]
