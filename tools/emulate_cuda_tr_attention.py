@@ -36,11 +36,11 @@ def build():
     )
 
 
-def inputs(B, T, ranks, lengths, dtype, seed=0):
+def inputs(B, T, ranks, lengths, dtype, seed=0, amplitude=1.0):
     g = torch.Generator().manual_seed(seed)
     n = len(ranks)
     shapes = [(ranks[m], ranks[(m + 1) % n]) for m in range(n)]
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    rnd = lambda *s: (amplitude * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
     q1 = [rnd(B, T, s) for s, _ in shapes]
     q2 = [rnd(B, T, w) for _, w in shapes]
     k1 = [rnd(B, T, s) for s, _ in shapes]
@@ -85,6 +85,18 @@ def main() -> int:
                 failed += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]:8s} {name:10s} scale={scale}: "
                       f"max |diff| forward {err:.2e}, backward {gerr:.2e}")
+    # Logits of ~1e10 (float32) and ~1e19 (float64): the softmax's max and its
+    # exponent must see the same rounded logit (no FMA contraction), or Theta
+    # comes out uniform or NaN where the CPU op (and the reference) is one-hot.
+    for dtype, amplitude in ((torch.float32, 600.0), (torch.float64, 1e5)):
+        q1, q2, k1, k2, mask, _ = inputs(2, 3, (8,), [3, 2], dtype, seed=4, amplitude=amplitude)
+        want = torch.ops.cascla_ext.tr_attention.default(q1, q2, k1, k2, mask, None)[1][0]
+        got = emu.forward(q1, q2, k1, k2, mask, None)[1]
+        err = (got - want).abs().max().item()
+        ok = bool(torch.isfinite(got).all()) and err <= 1e-5
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]:8s} large logits (inputs x {amplitude:g}): "
+              f"max |diff| theta {err:.2e}")
     print("all cases agree" if not failed else f"{failed} case(s) differ")
     return 1 if failed else 0
 

@@ -91,6 +91,11 @@ struct BlockSync {
 
 __device__ inline float dev_exp(float x) { return __expf(x); }
 __device__ inline double dev_exp(double x) { return ::exp(x); }
+// A product that nvcc never contracts into an FMA with a later add: the
+// softmax's max and its exponent must see the same rounded logit (see
+// theta_row).
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -143,7 +148,7 @@ __device__ void theta_row(const TrArgs<scalar_t>& a, int m, int64_t row, int lan
   const scalar_t* k2 = a.k2[m] + row * w;
   const auto logit = [&](int64_t e) {
     const int64_t i = e / w, j = e - i * w;
-    return tr::logit_u(sc, q1[i], k1[i]) * tr::logit_v(q2[j], k2[j]);
+    return mul_rn(tr::logit_u(sc, q1[i], k1[i]), tr::logit_v(q2[j], k2[j]));
   };
   scalar_t top = -INFINITY;
   for (int64_t e = lane; e < sw; e += 32) {

@@ -55,6 +55,16 @@ T __shfl_xor_sync(unsigned, T v, int offset) {
   return r;
 }
 inline float __expf(float x) { return std::exp(x); }
+// Round-to-nearest products that are never contracted into an FMA: a
+// volatile store rounds the product on the host as __fmul_rn does on the GPU.
+inline float __fmul_rn(float a, float b) {
+  volatile float p = a * b;
+  return p;
+}
+inline double __dmul_rn(double a, double b) {
+  volatile double p = a * b;
+  return p;
+}
 
 #include "cuda/tr_attention_kernels.cuh"
 
