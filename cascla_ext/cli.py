@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -38,14 +39,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+def _finite_number(lowest: float, *, inclusive: bool):
+    """An argparse type: a finite float above ``lowest`` (or equal, if ``inclusive``)."""
+    what = f"a finite number {'>=' if inclusive else '>'} {lowest:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and (value >= lowest if inclusive else value > lowest)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _finite_number(0, inclusive=False)
+_nonnegative_float = _finite_number(0, inclusive=True)
 
 
 def _modalities(text: str) -> tuple[str, ...]:
@@ -92,6 +103,9 @@ def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None
     g.add_argument("--no-cache", action="store_true", help="extract features without the cache")
     g.add_argument("--text-layers", default=None, choices=("mean", "concat", "1", "2", "3", "4"),
                    help="cosmic pickles: how to use the four RoBERTa feature sets (default: mean)")
+    g.add_argument("--unsafe-pickle", action="store_true",
+                   help="iemocap/cosmic pickles: load with plain pickle, which can run code from the file "
+                        "(only for a file you trust that the data-only reader refuses; never recorded)")
     if for_training:
         g.add_argument("--finetune-encoder", action="store_true",
                        help="fine-tune the encoder on the training split's labels before extracting")
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", choices=DATASETS, default="synthetic")
     t.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
     t.add_argument("--out", required=True, help="run directory: model.pt and metrics.json go here")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run that --out already holds (default: refuse)")
     t.add_argument("--epochs", type=_positive_int, default=20)
     t.add_argument("--seed", type=int, default=0, help="seed of the model and the batch order")
     t.add_argument("--seeds", type=_seeds, default=None,
@@ -132,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-scla", action="store_true", help="ablation: CE only (no SCLA loss)")
     t.add_argument("--no-ast", action="store_true", help="ablation: no adversarial samples")
     t.add_argument("--no-causal", action="store_true", help="ablation: no causal-aware interaction")
-    t.add_argument("--gamma", type=float, default=None, help="SCLA class-weight exponent (paper: 0.5, 1.0 or 1.5)")
-    t.add_argument("--scla-weight", type=float, default=None, help="lambda, the weight of the SCLA loss")
+    t.add_argument("--gamma", type=_nonnegative_float, default=None,
+                   help="SCLA class-weight exponent (paper: 0.5, 1.0 or 1.5)")
+    t.add_argument("--scla-weight", type=_nonnegative_float, default=None,
+                   help="lambda, the weight of the SCLA loss")
     t.add_argument("--reference-ops", action="store_true",
                    help="run the pure-PyTorch reference ops instead of the fused kernels (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -177,28 +195,44 @@ def _feature_options(args, stored: dict | None = None):
                      cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
     if getattr(args, "finetune_encoder", False):
         overrides.update(finetune_encoder=True, finetune_epochs=args.finetune_epochs)
+    if stored is not None:
+        # Settings from a checkpoint are data: they may name a fine-tuned
+        # encoder to load, never a folder to write to (may_finetune=False).
+        overrides["may_finetune"] = False
+        if args.encoder is not None:  # an explicit encoder replaces the recorded (fine-tuned) one
+            overrides.update(finetune_encoder=False, finetune_dir=None)
     options = FeatureOptions.from_dict(stored or {}, **overrides)
+    if stored is not None and args.encoder is not None:
+        options.finetune_encoder, options.finetune_dir = False, None
     options.use_cache = not args.no_cache
     options.validate()
     return options
 
 
 def _reader_options(args, stored: dict | None = None) -> dict:
-    out = dict((stored or {}).get("reader_options", {}))
+    """The reader's options: the recorded ones (a checkpoint's), then the flags.
+    ``unsafe_pickle`` is only ever taken from the command line."""
+    out = {k: v for k, v in (stored or {}).get("reader_options", {}).items() if k != "unsafe_pickle"}
     if args.text_layers is not None:
         out["text_layers"] = args.text_layers
     return out
 
 
+def _load_options(args, dataset: str) -> dict:
+    """Options for the reader that are not recorded in a checkpoint."""
+    return {"unsafe_pickle": True} if args.unsafe_pickle and dataset in ("iemocap", "cosmic") else {}
+
+
 def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, reader_options: dict,
-                 holdout: float | None = None):
+                 holdout: float | None = None, load_options: dict | None = None):
     from .data import load_dataset
 
     if dataset == "synthetic":
         return load_dataset("synthetic", seed=data_seed, holdout=holdout)
     if not data_dir:
         raise CLIError(f"cascla: --dataset {dataset} needs --data-dir (the folder of its files)")
-    return load_dataset(dataset, data_dir=data_dir, features=options, holdout=holdout, **reader_options)
+    return load_dataset(dataset, data_dir=data_dir, features=options, holdout=holdout, **reader_options,
+                        **(load_options or {}))
 
 
 def _train(args) -> int:
@@ -207,14 +241,18 @@ def _train(args) -> int:
     from .config import CaSCLAConfig
     from .train import TrainSettings, train, train_seeds
 
+    from .runs import check_run_dir
+
     if args.dataset == "synthetic" and args.data_dir:
         raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
+    check_run_dir(args.out, overwrite=args.overwrite)  # before minutes of feature extraction
     options = _feature_options(args)
     reader_options = _reader_options(args)
     # The hold-out is split off before features are extracted: a fine-tuned
     # encoder must not have trained on the dialogues that pick the best epoch.
     holdout = HOLDOUT_FRACTION if args.select_on == "holdout" else None
-    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout)
+    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout,
+                          _load_options(args, args.dataset))
     preset = args.preset or ("small" if args.dataset == "synthetic" else "base")
     modalities = args.modalities or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims)
     missing = [m for m in modalities if m not in corpus.input_dims]
@@ -240,11 +278,11 @@ def _train(args) -> int:
                  "features": options.to_dict(), "reader_options": reader_options, "preset": preset,
                  "holdout": holdout}
     if args.seeds:
-        summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info)
+        summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info, overwrite=args.overwrite)
         print(_format_summary(summary))
         print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
         return 0
-    metrics = train(config, corpus, args.out, settings, data_info)
+    metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite)
     best = metrics["epochs"][metrics["best_epoch"] - 1]
     print(f"best epoch {metrics['best_epoch']}: {args.select_on} weighted F1 "
           f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
@@ -263,12 +301,50 @@ def _format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+#: The data settings a checkpoint records, and the types each may have.
+_DATA_FIELDS = {
+    "dataset": (str,), "data_seed": (int,), "data_dir": (str, type(None)), "features": (dict, type(None)),
+    "reader_options": (dict,), "preset": (str, type(None)), "holdout": (float, type(None)),
+}
+_FEATURE_FIELDS = {
+    "encoder": (str, type(None)), "clues": (str,), "atomic_dir": (str, type(None)), "comet": (str, type(None)),
+    "finetune_encoder": (bool,), "finetune_epochs": (int,), "finetune_dir": (str, type(None)),
+}
+
+
 def _checkpoint_data(path: str) -> tuple:
-    """The model and the data settings it was trained with (one read of the file)."""
-    from .model import CaSCLA
+    """The model and the data settings it was trained with (one read of the
+    file). The settings are checked as untrusted data: one line naming the
+    checkpoint and the entry if anything is missing or of the wrong type."""
+    from .data import DATASETS
+    from .model import CaSCLA, CheckpointError
 
     model, extra = CaSCLA.load_checkpoint(path)
-    data = extra.get("data") or {"dataset": extra.get("dataset", "synthetic")}
+    data = extra.get("data")
+    if data is None:
+        data = {"dataset": extra.get("dataset", "synthetic")}
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {what}")
+
+    if not isinstance(data, dict):
+        raise bad(f"its 'data' entry is a {type(data).__name__}, expected a dict of data settings")
+    for key, value in data.items():
+        kinds = _DATA_FIELDS.get(key)
+        if kinds and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise bad(f"data[{key!r}] is {value!r}, expected {' or '.join(t.__name__ for t in kinds)}")
+    if data.get("dataset") not in DATASETS:
+        raise bad(f"data['dataset'] is {data.get('dataset')!r}, expected one of {', '.join(DATASETS)}")
+    for key, value in (data.get("features") or {}).items():
+        kinds = _FEATURE_FIELDS.get(key)
+        if kinds is None:
+            raise bad(f"data['features'] has an unknown entry {key!r}")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise bad(f"data['features'][{key!r}] is {value!r}, expected "
+                      f"{' or '.join(t.__name__ for t in kinds)}")
+    holdout = data.get("holdout")
+    if holdout is not None and not 0.0 < holdout < 1.0:
+        raise bad(f"data['holdout'] is {holdout!r}, expected a fraction in (0, 1)")
     return model, data
 
 
@@ -286,7 +362,8 @@ def _evaluate(args) -> int:
     # The training run's hold-out, so that a fine-tuned encoder is found again
     # (its cache key covers the texts it trained on).
     holdout = data.get("holdout") if dataset == data.get("dataset") else None
-    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data), holdout)
+    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data), holdout,
+                          _load_options(args, dataset))
     if corpus.label_names != model.label_names:
         raise CLIError(f"cascla evaluate: the checkpoint's labels {model.label_names} are not the "
                        f"dataset's {corpus.label_names}")
@@ -360,14 +437,26 @@ def _predict(args) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one line (some libraries' messages span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train import TrainingDiverged
+
     try:
         args = build_parser().parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except CLIError as err:
         print(err, file=sys.stderr)
+    except TrainingDiverged as err:
+        print(f"cascla train: {err}", file=sys.stderr)
+        return 1
+    except RecursionError:
+        print("cascla: error: input nested too deeply to read", file=sys.stderr)
     except (ValueError, OSError, ImportError) as err:
-        print(f"cascla: error: {err}", file=sys.stderr)
+        print(f"cascla: error: {_one_line(err)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("cascla: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ values as defaults (``../shared/spec/model.md`` maps each to an equation)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .data.batch import MODALITIES
@@ -66,6 +67,18 @@ class CaSCLAConfig:
         def fail(msg: str) -> None:
             raise ValueError(f"CaSCLAConfig: {msg}")
 
+        for name in ("eta", "fusion_gain", "epsilon", "alpha", "beta", "gamma", "scla_weight", "dropout",
+                     "label_dropout"):
+            value = getattr(self, name)
+            if value is None and name == "fusion_gain":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"{name} must be a finite number, got {value!r}")
+        for name in ("num_classes", "d_model", "d_fused", "d_hidden", "d_feature", "clue_dim",
+                     "label_embedding_dim", "encoder_layers", "encoder_heads", "encoder_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(f"{name} must be an integer, got {value!r}")
         if not self.modalities:
             fail("modalities must be a non-empty subset of t, a, v")
         for m in self.modalities:

@@ -30,9 +30,12 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -
     precision = np.divide(tp, predicted, out=np.zeros(K), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(K), where=support > 0)
     n = int(support.sum())
+    seen = (support > 0) | (predicted > 0)
     return {
         "weighted_f1": float((f1 * support).sum() / n) if n else 0.0,
-        "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
+        # scikit-learn's macro F1: the mean over every class that occurs in the
+        # truth or in the predictions (a predicted but absent class counts as 0).
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "per_class_f1": {name: float(v) for name, v in zip(label_names, f1)},
         "per_class_precision": {name: float(v) for name, v in zip(label_names, precision)},

@@ -28,15 +28,21 @@ from .config import CaSCLAConfig
 from .data.batch import Batch
 from .nn import CausalInteraction, PerturbedGRU, SCLALoss, TensorRingFusion
 
-__all__ = ["CaSCLA", "CaSCLAOutput"]
+__all__ = ["CaSCLA", "CaSCLAOutput", "CheckpointError"]
 
 CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: the message names the file and what does not fit."""
 
 
 @dataclass
 class CaSCLAOutput:
     """logits (B, T, K); f (B, T, d) the causal-aware features; with labels,
-    ``loss`` (the objective of Eq. 21) and its terms in ``losses``."""
+    ``loss`` (the objective of Eq. 21) and its terms in ``losses``: only the
+    terms defined for the batch (no ``scla`` with fewer than two labelled
+    utterances; ``loss`` None and no terms with none)."""
 
     logits: Tensor
     features: Tensor
@@ -154,8 +160,11 @@ class CaSCLA(nn.Module):
             return out
 
         valid = mask & (labels >= 0)
-        if not bool(valid.any()):
-            raise ValueError("CaSCLA: the batch has labels but no labelled utterance")
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            # Nothing to learn from (e.g. a partly labelled file): no loss term
+            # is defined. loss stays None; the training loop counts the step.
+            return out
         ce = F.cross_entropy(logits[valid], labels[valid])
         out.losses["ce"] = ce
         views = []
@@ -171,14 +180,18 @@ class CaSCLA(nn.Module):
             f_adv = self._context_to_features(x, batch, rho_adv)
             out.losses["ce_adv"] = self._ce(f_adv, labels, valid)
             views.append(f_adv)
-        if cfg.use_scla:
+        # The SCLA loss contrasts samples with each other: it needs M >= 2
+        # (MELD has one-utterance dialogues, so a batch of one has M = 1). With
+        # fewer the batch trains on the cross-entropy terms alone, and
+        # out.losses has no "scla" entry, which the training loop counts.
+        if cfg.use_scla and n_valid >= 2:
             if cfg.use_text_augmentation and training_losses:
                 x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
                 views.insert(0, self._context_to_features(x_text, batch, None))
             f_aug = torch.stack([v[valid] for v in views]) if views else None
             out.losses["scla"] = self.scla(f[valid], labels[valid], f_aug)
-        out.loss = (out.losses["ce"] + cfg.scla_weight * out.losses.get("scla", 0.0)
-                    + out.losses.get("ce_adv", 0.0))
+        weights = {"ce": 1.0, "scla": cfg.scla_weight, "ce_adv": 1.0}
+        out.loss = sum(weights[k] * v for k, v in out.losses.items())
         return out
 
     @torch.no_grad()
@@ -215,18 +228,41 @@ class CaSCLA(nn.Module):
     def load_checkpoint(cls, path: str | os.PathLike,
                         map_location: str | torch.device = "cpu") -> tuple[CaSCLA, dict]:
         """The model and the checkpoint's other entries (the ``**extra`` given
-        to :meth:`save`: dataset, data and feature settings, epoch, seed)."""
+        to :meth:`save`: dataset, data and feature settings, epoch, seed).
+
+        A checkpoint is read as data (``torch.load(weights_only=True)``: no
+        code runs), and anything in it that does not fit - a missing or
+        invalid config, weights of other shapes or names - raises
+        :class:`CheckpointError` naming the file and what does not fit."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file
-            raise ValueError(f"checkpoint {path} is not a CaSCLA checkpoint ({err})") from err
+            raise CheckpointError(f"checkpoint {path} is not a CaSCLA checkpoint "
+                                  f"({_one_line(err)})") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path} is not a CaSCLA checkpoint (format "
-                             f"{state.get('format') if isinstance(state, dict) else '?'})")
-        model = cls(CaSCLAConfig.from_dict(state["config"]), state["label_names"])
-        model.load_state_dict(state["state_dict"])
+            raise CheckpointError(f"checkpoint {path} is not a CaSCLA checkpoint (format "
+                                  f"{state.get('format') if isinstance(state, dict) else '?'})")
+        for key, kind in (("config", dict), ("label_names", list), ("state_dict", dict)):
+            if not isinstance(state.get(key), kind):
+                raise CheckpointError(f"checkpoint {path}: {key!r} is missing or not a {kind.__name__}")
+        try:
+            config = CaSCLAConfig.from_dict(state["config"])
+            model = cls(config, state["label_names"])
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path}: its config does not describe a model "
+                                  f"({_one_line(err)})") from None
+        try:
+            model.load_state_dict(state["state_dict"])
+        except (RuntimeError, TypeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path}: the weights do not fit its config "
+                                  f"({_one_line(err)})") from None
         extra = {k: v for k, v in state.items() if k not in ("format", "config", "label_names", "state_dict")}
         return model, extra
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -17,7 +17,10 @@ __all__ = ["perturbed_gru", "tr_attention", "scla_loss"]
 def _as_lengths(lengths: Tensor | Sequence[int] | None) -> Tensor | None:
     if lengths is None or isinstance(lengths, Tensor):
         return lengths
-    return torch.as_tensor(list(lengths), dtype=torch.int64)
+    values = list(lengths)
+    # No dtype here: a list of floats becomes a float tensor, which the op
+    # rejects exactly as it rejects a float tensor (instead of truncating it).
+    return torch.as_tensor(values) if values else torch.zeros(0, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def perturbed_gru(
         valid = torch.ones(T, B, dtype=torch.bool, device=x.device)
     else:
         lengths = torch.as_tensor(lengths, device=x.device)
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"perturbed_gru: expected lengths to be an integer tensor (int64), got {lengths.dtype}")
         valid = torch.arange(T, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)
     h = h0
     ys: list[Tensor] = [h0.new_zeros(h0.shape)] * T

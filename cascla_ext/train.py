@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -19,8 +20,13 @@ from .data import Corpus, Dialogue, collate
 from .metrics import scores
 from .model import CaSCLA
 
-__all__ = ["TrainSettings", "evaluate", "predict_dialogues", "seed_everything", "summarise_scores", "train",
+__all__ = ["TrainSettings", "TrainingDiverged", "evaluate", "predict_dialogues", "seed_everything", "summarise_scores", "train",
            "train_seeds"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term, the gradient or the weights became NaN or infinite: the
+    run stops (no checkpoint of the diverged model is written)."""
 
 
 @dataclass
@@ -34,6 +40,25 @@ class TrainSettings:
     progress: bool = True
     grad_clip: float | None = 5.0
     select_split: str = "val"  # the split that picks the best epoch ("val" or "holdout"), never "test"
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"TrainSettings: {msg}")
+
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            fail(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            fail(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float))
+                                               and math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            fail(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
+        if self.select_split == "test":
+            raise ValueError("the best epoch is never selected on the test split")
 
 
 def seed_everything(seed: int) -> None:
@@ -85,78 +110,156 @@ def evaluate(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: int = 32,
     return scores(y_true[keep], y_pred[keep], model.label_names)
 
 
+def _check_finite(what: str, value: float, epoch: int, step: int, steps: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps}: {what} is {value} "
+                               "(try a lower --lr, or check the data and the loss weights)")
+
+
 def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
-          settings: TrainSettings, data_info: dict | None = None) -> dict:
+          settings: TrainSettings, data_info: dict | None = None, *, overwrite: bool = False) -> dict:
     """Train on corpus' train split, pick the epoch with the best weighted F1
     on ``settings.select_split`` (validation by default, never the test
     split), write ``model.pt`` (that epoch) and ``metrics.json`` to
     ``out_dir``. ``data_info`` (the dataset and feature settings) goes into
     the checkpoint so that ``cascla evaluate``/``predict`` rebuild the same
-    features. Returns the metrics."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
-    if settings.select_split == "test":
-        raise ValueError("the best epoch is never selected on the test split")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    features. Returns the metrics.
+
+    The run folder is claimed for the run (:func:`cascla_ext.runs.claim_run_dir`:
+    a second run into it fails, a finished run is not overwritten unless
+    ``overwrite``). ``metrics.json`` carries ``status`` (running, finished,
+    failed, interrupted) and names the epoch of the checkpoint beside it
+    (``checkpoint``); it is written before each new checkpoint, and again
+    when a run stops early, so the two describe the same epoch. A loss term,
+    gradient or weight that is not finite stops the run with
+    :class:`TrainingDiverged` before any checkpoint of that model is written.
+
+    Batches with one labelled utterance train on the cross-entropy terms
+    alone (the SCLA loss needs two samples), batches with none are skipped;
+    both are counted per epoch (``steps``, ``steps_without``).
+    """
+    from .runs import claim_run_dir
+
+    settings.validate()
+    config.validate()
     device = resolve_device(settings.device)
     train_set, val_set = corpus.split("train"), corpus.split(settings.select_split)
+    with claim_run_dir(out_dir, overwrite=overwrite) as out_dir:
+        return _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set)
+
+
+def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set) -> dict:
     seed_everything(settings.seed)
     model = CaSCLA(config, corpus.label_names).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
+    data_info = data_info or {"dataset": corpus.name}
     metrics = {
         "dataset": corpus.name,
         "seed": settings.seed,
         "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
         "config": config.to_dict(),
         "label_names": corpus.label_names,
-        "data": data_info or {"dataset": corpus.name},
+        "data": data_info,
         "select_split": settings.select_split,
+        "status": "running",
         "epochs": [],
         "best_epoch": None,
         "best_val_weighted_f1": None,
+        "checkpoint": None,
     }
     steps_per_epoch = (len(train_set) + settings.batch_size - 1) // settings.batch_size
     start = time.perf_counter()
-    epoch_bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=not settings.progress)
-    for epoch in epoch_bar:
-        model.train()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        step_bar = tqdm(batches(train_set, settings.batch_size, config.modalities, True, generator),
-                        total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
-                        disable=not settings.progress)
-        for batch in step_bar:
-            batch = batch.to(device)
-            out = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            for k, v in {"loss": out.loss, **out.losses}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            step_bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
-        train_time = time.perf_counter() - t0
-        val = evaluate(model, val_set, settings.batch_size, device)
-        record = {
-            "epoch": epoch,
-            "train": {k: v / steps_per_epoch for k, v in sums.items()},
-            "val": {k: val[k] for k in ("weighted_f1", "macro_f1", "accuracy", "per_class_f1", "n")},
-            "train_seconds": train_time,
-            "eval_seconds": time.perf_counter() - t0 - train_time,
-        }
-        metrics["epochs"].append(record)
-        best = metrics["best_val_weighted_f1"]
-        if best is None or val["weighted_f1"] > best:
-            metrics["best_epoch"], metrics["best_val_weighted_f1"] = epoch, val["weighted_f1"]
-            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
-                       data=data_info or {"dataset": corpus.name})
-        epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}", best=f"{metrics['best_val_weighted_f1']:.3f}")
+    saved: dict | None = None  # the checkpoint on disk: {"file", "epoch", "val_weighted_f1"}
+
+    def write_metrics() -> None:
         metrics["total_seconds"] = time.perf_counter() - start
         atomic_write_json(metrics, out_dir / "metrics.json")
+
+    epoch_bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=not settings.progress)
+    try:
+        for epoch in epoch_bar:
+            model.train()
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            without: dict[str, int] = {}
+            step = 0
+            step_bar = tqdm(batches(train_set, settings.batch_size, config.modalities, True, generator),
+                            total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
+                            disable=not settings.progress)
+            for step, batch in enumerate(step_bar, start=1):
+                batch = batch.to(device)
+                out = model(batch)
+                expected = _expected_terms(config)
+                if out.loss is None:  # no labelled utterance in the batch
+                    without["labels"] = without.get("labels", 0) + 1
+                    continue
+                for term in expected - set(out.losses):
+                    without[term] = without.get(term, 0) + 1
+                values = {"loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.losses.items()}}
+                for k, v in values.items():
+                    _check_finite(f"the {k} loss" if k != "loss" else "the total loss", v, epoch, step,
+                                  steps_per_epoch)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if settings.grad_clip:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                    _check_finite("the gradient norm", float(norm), epoch, step, steps_per_epoch)
+                optimizer.step()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                step_bar.set_postfix(loss=f"{values['loss']:.3f}")
+            bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise TrainingDiverged(f"training diverged in epoch {epoch}: the weights {bad[0]}"
+                                       f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} are not "
+                                       "finite (try a lower --lr)")
+            train_time = time.perf_counter() - t0
+            val = evaluate(model, val_set, settings.batch_size, device)
+            record = {
+                "epoch": epoch,
+                "train": {k: v / counts[k] for k, v in sums.items()},
+                "steps": step,
+                "steps_without": without,
+                "val": {k: val[k] for k in ("weighted_f1", "macro_f1", "accuracy", "per_class_f1", "n")},
+                "train_seconds": train_time,
+                "eval_seconds": time.perf_counter() - t0 - train_time,
+            }
+            metrics["epochs"].append(record)
+            best = metrics["best_val_weighted_f1"]
+            if best is None or val["weighted_f1"] > best:
+                metrics["best_epoch"], metrics["best_val_weighted_f1"] = epoch, val["weighted_f1"]
+                # The metrics name the checkpoint's epoch before it is written.
+                metrics["checkpoint"] = {"file": "model.pt", "epoch": epoch}
+                write_metrics()
+                model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
+                           data=data_info)
+                saved = {"epoch": epoch, "val_weighted_f1": val["weighted_f1"]}
+            epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}",
+                                  best=f"{metrics['best_val_weighted_f1']:.3f}")
+            write_metrics()
+    except BaseException as err:
+        # Describe what is on disk: the last checkpoint written, not a pending one.
+        metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        metrics["error"] = str(err) or type(err).__name__
+        metrics["checkpoint"] = {"file": "model.pt", "epoch": saved["epoch"]} if saved else None
+        metrics["best_epoch"] = saved["epoch"] if saved else None
+        metrics["best_val_weighted_f1"] = saved["val_weighted_f1"] if saved else None
+        try:
+            write_metrics()
+        except OSError:
+            pass  # the original error matters more (e.g. a full disk)
+        raise
+    metrics["status"] = "finished"
+    write_metrics()
     return metrics
+
+
+def _expected_terms(config: CaSCLAConfig) -> set[str]:
+    """The loss terms a fully labelled training batch has."""
+    return {"ce"} | ({"scla"} if config.use_scla else set()) | ({"ce_adv"} if config.use_ast else set())
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -177,21 +280,27 @@ def summarise_scores(runs: Sequence[dict], label_names: Sequence[str]) -> dict:
 
 def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike, settings: TrainSettings,
                 seeds: Sequence[int], data_info: dict | None = None,
-                report_splits: Sequence[str] = ("val",)) -> dict:
+                report_splits: Sequence[str] = ("val",), *, overwrite: bool = False) -> dict:
     """Train once per seed into ``out_dir/seed_<s>/``, score each run's best
     checkpoint on its selection split and on ``report_splits`` (never test
     unless asked), and write ``out_dir/summary.json``: per split, the mean
     and standard deviation over seeds of weighted F1, accuracy, macro F1 and
     each class's F1. Returns the summary."""
+    from .runs import claim_run_dir
+
+    with claim_run_dir(out_dir, overwrite=overwrite) as out_dir:
+        return _train_seeds(config, corpus, out_dir, settings, seeds, data_info, report_splits, overwrite)
+
+
+def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, report_splits, overwrite) -> dict:
     from dataclasses import replace as dc_replace
 
-    out_dir = Path(out_dir)
     runs = []
     splits = [settings.select_split] + [s for s in report_splits
                                         if s != settings.select_split and corpus.splits.get(s)]
     for seed in seeds:
         run_dir = out_dir / f"seed_{seed}"
-        metrics = train(config, corpus, run_dir, dc_replace(settings, seed=seed), data_info)
+        metrics = train(config, corpus, run_dir, dc_replace(settings, seed=seed), data_info, overwrite=overwrite)
         # The selection split was scored at the best epoch already; the others
         # are scored with that epoch's checkpoint.
         scored = {settings.select_split: metrics["epochs"][metrics["best_epoch"] - 1]["val"]}

@@ -30,6 +30,17 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (training runs: 2-thread timings stall on
+    a 2-core machine with other work on it). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close(actual, expected, dtype=None, *, atol=None, rtol=None, msg=""):
     """Per-dtype tolerances: float64 is checked tightly, float32 loosely."""
     dtype = dtype or expected.dtype

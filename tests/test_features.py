@@ -32,12 +32,7 @@ ATOMIC_COLUMNS = ["event", "oEffect", "oReact", "oWant", "xAttr", "xEffect", "xI
                   "xWant", "prefix", "split"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +283,12 @@ def test_finetune_checks(encoder, tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         finetune_encoder(encoder, texts, labels, 2, foreign, max_steps=1, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
+    # a folder that only looks like a fine-tune (a marker of other settings) is not replaced either
+    (foreign / FINETUNE_MARKER).write_text('{"settings": {"lr": 1}}')
+    with pytest.raises(FileExistsError, match="other settings"):
+        finetune_encoder(encoder, texts, labels, 2, foreign, max_steps=1, progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == [FINETUNE_MARKER, "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"], "something was moved aside"
     with pytest.raises(ValueError, match="out of range"):
         finetune_encoder(encoder, texts, labels, 1, tmp_path / "x", max_steps=1, progress=False)
     with pytest.raises(ValueError, match="no labelled"):

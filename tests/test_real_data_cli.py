@@ -29,12 +29,7 @@ TEXTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dialogue(i: int, rng: np.random.Generator) -> dict:
@@ -168,7 +163,7 @@ def test_finetuning_never_sees_the_holdout(tmp_path, jsonl_dir, monkeypatch, cap
     assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "val", "--json",
                  "--cache-dir", str(cache), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] > 0
-    assert marker.read_text() == before and len(seen) == 2
+    assert marker.read_text() == before and len(seen) == 1  # evaluate loads it, never fine-tunes
 
 
 def test_train_evaluate_predict_on_jsonl(tmp_path, jsonl_dir, atomic_dir, capsys):
@@ -302,3 +297,51 @@ def test_finetuned_encoder_is_recorded_and_reused(tmp_path, jsonl_dir, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "test", "--json",
                  "--cache-dir", str(cache), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] > 0
+
+
+def test_a_checkpoint_never_steers_writes_or_deletes(tmp_path, jsonl_dir, capsys):
+    """data.features.finetune_dir comes from the checkpoint, i.e. from whoever
+    wrote the file: evaluate only ever loads from it. A folder there that looks
+    like a fine-tune is left as it is; a missing fine-tune is an error that
+    says how to rebuild it (no silent re-fine-tune)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--epochs", "1",
+                 "--quiet", "--preset", "small", "--clues", "none", "--cache-dir", str(cache)]) == 0
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "cascla_finetune.json").write_text('{"settings": {}}')
+    (victim / "thesis.tex").write_text("years of work")
+    before = sorted((p.name, p.read_bytes()) for p in victim.iterdir())
+    state = torch.load(out / "model.pt", weights_only=True)
+    state["data"]["features"].update(finetune_encoder=True, finetune_dir=str(victim))
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    capsys.readouterr()
+    code = main(["evaluate", "--checkpoint", str(crafted), "--split", "val", "--cache-dir", str(cache), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert sorted((p.name, p.read_bytes()) for p in victim.iterdir()) == before
+    assert not list(tmp_path.glob(".precious*"))  # nothing moved aside beside it either
+
+    state["data"]["features"]["finetune_dir"] = str(tmp_path / "gone")
+    torch.save(state, crafted)
+    code = main(["evaluate", "--checkpoint", str(crafted), "--split", "val", "--cache-dir", str(cache), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "missing or incomplete" in err and "--finetune-encoder" in err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_paths_are_stored_absolute(tmp_path, jsonl_dir, atomic_dir, monkeypatch):
+    monkeypatch.chdir(atomic_dir.parent)
+    options = FeatureOptions(atomic_dir=atomic_dir.name, comet=".", finetune_dir="tuned")
+    assert options.to_dict()["atomic_dir"] == str(atomic_dir.resolve())
+    assert options.to_dict()["comet"] == str(atomic_dir.parent.resolve())
+    assert options.to_dict()["finetune_dir"] == str((atomic_dir.parent / "tuned").resolve())
+    assert FeatureOptions(encoder="some/hub-name").encoder == "some/hub-name"  # not a folder: kept as given
+
+
+def test_quiet_hides_the_loading_bars(capfd):
+    from cascla_ext.features import TextEncoder
+
+    TextEncoder(progress=False)
+    assert "Loading" not in capfd.readouterr().err

@@ -104,6 +104,8 @@ def _read_lines(path: Path, default_split: str, fixed: bool) -> list[_Entry]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to be a dialogue") from None
         dialogue, split = _parse_line(obj, where)
         if split is not None and fixed and split != default_split:
             raise DataError(f'{where}: dialogue {dialogue.id!r} says "split": {obj["split"]!r}, but it is '
@@ -209,5 +211,7 @@ def read_jsonl(data_dir_or_file: str | Path, label_names: Sequence[str] | None =
             names = json.loads(labels_path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"{labels_path}: invalid JSON ({err})") from None
+        except RecursionError:
+            raise DataError(f"{labels_path}: JSON nested too deeply to be a list of label names") from None
         return _build(entries, _check_names(names, str(labels_path)), str(labels_path), path)
     return _build(entries, None, f" (add a {LABELS_FILE} to fix them)", path)

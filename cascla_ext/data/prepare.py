@@ -39,6 +39,15 @@ class FeatureOptions:
         data's own clues.
     finetune_encoder: fine-tune the encoder on the training split's labels
         first (saved to ``finetune_dir``, by default under the cache).
+    may_finetune: whether this run may fine-tune (``cascla train``). With
+        False (``evaluate``, ``predict``: the settings come from a checkpoint,
+        which is data, not instructions) a fine-tuned encoder is only loaded
+        from ``finetune_dir``; nothing is written there, and a missing one is
+        an error that says how to rebuild it.
+
+    Local paths (``atomic_dir``, ``comet``, ``finetune_dir``, and ``encoder``
+    where it names an existing folder) are stored absolute, so a checkpoint
+    that records them works from any directory.
     """
 
     encoder: str | None = None
@@ -53,6 +62,15 @@ class FeatureOptions:
     device: str = "cpu"
     batch_size: int = 64
     progress: bool = True
+    may_finetune: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("atomic_dir", "comet", "finetune_dir"):
+            path = getattr(self, name)
+            if path:
+                setattr(self, name, str(Path(path).expanduser().resolve()))
+        if self.encoder and Path(self.encoder).expanduser().is_dir():
+            self.encoder = str(Path(self.encoder).expanduser().resolve())
 
     def validate(self) -> None:
         if self.clues not in CLUE_KINDS + ("data",):
@@ -96,15 +114,24 @@ def _load_encoder(options: FeatureOptions, raw: RawCorpus | None):
     """The text encoder, fine-tuned on raw's training split if asked."""
     from ..features import TextEncoder, finetune_encoder, texts_sha256
 
-    encoder = TextEncoder(options.encoder, device=options.device, batch_size=options.batch_size)
+    from ..features import read_finetune_marker
+
+    encoder = TextEncoder(options.encoder, device=options.device, batch_size=options.batch_size,
+                          progress=options.progress)
     if not options.finetune_encoder:
         return encoder, encoder
     finetuned = options.finetune_dir
-    if finetuned and (Path(finetuned) / "config.json").is_file() and raw is None:
-        return encoder, TextEncoder(finetuned, device=options.device, batch_size=options.batch_size)
+    if not options.may_finetune:
+        if not finetuned or read_finetune_marker(finetuned) is None \
+                or not (Path(finetuned) / "config.json").is_file():
+            raise ValueError(f"the model was trained on a fine-tuned encoder that is missing or incomplete "
+                             f"at {finetuned!r}; rebuild it by running the same `cascla train ... "
+                             "--finetune-encoder` again (it is written under the feature cache), or pass "
+                             "--encoder with its folder")
+        return encoder, TextEncoder(finetuned, device=options.device, batch_size=options.batch_size,
+                                    progress=options.progress)
     if raw is None:
-        raise ValueError("the checkpoint was trained on a fine-tuned encoder that is no longer at "
-                         f"{finetuned!r}; pass --encoder with its folder")
+        raise ValueError("fine-tuning the encoder needs the corpus (its training split's labels)")
     train = raw.splits.get("train") or []
     texts = [t for d in train for t, y in zip(d.texts, d.labels) if y is not None]
     labels = [raw.label_names.index(y) for d in train for y in d.labels if y is not None]

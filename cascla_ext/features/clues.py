@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.batch import CLUE_RELATIONS
 from .cache import FeatureCache
-from .text import TextEncoder, model_dir_fingerprint, resolve_model_path, texts_sha256
+from .text import TextEncoder, loading_bars, model_dir_fingerprint, resolve_model_path, texts_sha256
 
 __all__ = ["CLUE_KINDS", "AtomicClues", "CometClues", "clue_extractor", "readable_atomic"]
 
@@ -277,8 +277,9 @@ class CometClues:
         self.batch_size = batch_size
         self.max_length = max_length
         self.progress = progress
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        model = AutoModelForSeq2SeqLM.from_pretrained(self.path, local_files_only=True).eval()
+        with loading_bars(progress):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            model = AutoModelForSeq2SeqLM.from_pretrained(self.path, local_files_only=True).eval()
         self.encoder = model.get_encoder().to(self.device)
         self.mask = self.tokenizer.mask_token or "[MASK]"
         if self.tokenizer.pad_token is None:

@@ -5,7 +5,7 @@ Like COSMIC's RoBERTa fine-tuning: every utterance is classified on its own
 (before L2 normalisation); the encoder's weights are then saved and the
 head kept beside them. The result is written to a temporary directory beside
 ``out_dir`` and renamed into place, so ``out_dir`` holds a finished fine-tune
-or nothing; its marker file (``cascla_finetune.json``: the settings and a hash
+or nothing (an existing folder is never replaced or deleted); its marker file (``cascla_finetune.json``: the settings and a hash
 of the data) lets a second call with the same settings reuse it.
 """
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write_json
-from .text import TextEncoder, texts_sha256
+from .._io import atomic_write_json, dir_mode
+from .text import TextEncoder, loading_bars, texts_sha256
 
 __all__ = ["FINETUNE_MARKER", "finetune_encoder", "read_finetune_marker"]
 
@@ -50,17 +50,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     up = (step + 1) / max(warmup, 1)
     down = (total - step) / max(total - warmup, 1)
     return min(1.0, up, down)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequence[int], num_labels: int,
@@ -109,16 +98,21 @@ def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequenc
 
     def finished(path: Path) -> TextEncoder:
         ft = TextEncoder(path, device=encoder.device, batch_size=encoder.batch_size,
-                         max_length=encoder.max_length, pooling=encoder.pooling, normalize=encoder.normalize)
+                         max_length=encoder.max_length, pooling=encoder.pooling, normalize=encoder.normalize,
+                         progress=progress)
         ft.finetune_info = read_finetune_marker(path)
         return ft
 
     marker = read_finetune_marker(out_dir)
     if marker is not None and marker.get("settings") == settings:
         return finished(out_dir)
-    if marker is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"finetune_encoder: {out_dir} exists and does not hold a fine-tuned encoder "
-                              f"(no {FINETUNE_MARKER}); refusing to overwrite it")
+    # Never replace or delete a folder this call did not create: an existing
+    # fine-tune with other settings is the caller's to remove.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = ("holds a fine-tuned encoder with other settings" if marker is not None else
+                f"exists and does not hold a fine-tuned encoder (no {FINETUNE_MARKER})")
+        raise FileExistsError(f"finetune_encoder: {out_dir} {what}; refusing to overwrite it "
+                              "(remove it or choose another folder)")
 
     from transformers import AutoModel
 
@@ -138,7 +132,8 @@ def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequenc
     # Seed the head and dropout without touching the caller's random state.
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        model = AutoModel.from_pretrained(encoder.path, local_files_only=True).to(device).train()
+        with loading_bars(progress):
+            model = AutoModel.from_pretrained(encoder.path, local_files_only=True).to(device).train()
         head = nn.Linear(encoder.dim, num_labels).to(device)
         no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in name]
         decay = [p for name, p in model.named_parameters() if not (p.ndim < 2 or "LayerNorm" in name)]
@@ -175,14 +170,14 @@ def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequenc
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is not
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it private; a model directory is not
         model.save_pretrained(tmp)
         encoder.tokenizer.save_pretrained(tmp)
         torch.save({k: v.cpu() for k, v in head.state_dict().items()}, tmp / HEAD_FILE)
         atomic_write_json({"settings": settings, "steps": total, "losses": losses,
                            "seconds": round(time.time() - started, 3), "base_path": str(encoder.path)},
                           tmp / FINETUNE_MARKER)  # last: its presence means the rest is complete
-        _replace_dir(tmp, out_dir)
+        os.replace(tmp, out_dir)  # replaces at most an empty folder (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ loads offline (``local_files_only=True``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,6 +107,20 @@ def texts_sha256(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def loading_bars(enabled: bool):
+    """Show (or hide) transformers' own progress bars (\"Loading weights\")
+    while a model loads; restores the previous setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 class TextEncoder:
     """Batched, offline sentence embeddings.
 
@@ -114,10 +129,12 @@ class TextEncoder:
     pooling: "mean" (over non-padding tokens) or "cls" (the first token's state).
     normalize: L2-normalise the pooled vectors.
     max_length: tokens per text; longer texts are truncated.
+    progress: show transformers' loading bars while the model loads.
     """
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 128, pooling: str = "mean", normalize: bool = True):
+                 batch_size: int = 64, max_length: int = 128, pooling: str = "mean", normalize: bool = True,
+                 progress: bool = True):
         if pooling not in POOLINGS:
             raise ValueError(f"TextEncoder: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if batch_size < 1 or max_length < 2:
@@ -132,8 +149,9 @@ class TextEncoder:
         self.max_length = max_length
         self.pooling = pooling
         self.normalize = normalize
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
+        with loading_bars(progress):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
         self._fingerprint: str | None = None
         self.finetune_info: dict | None = None  # the marker, where finetune_encoder made this encoder
 
