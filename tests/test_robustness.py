@@ -367,3 +367,30 @@ def test_deeply_nested_json_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.jsonl:1" in err and "nested too deeply" in err
     assert not out.exists()
+
+
+class _Payload:
+    """Unpickling this writes a marker file: stands for code a crafted pickle runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def test_cli_reads_pickles_as_data_unless_told(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    data = tmp_path / "iemocap.pkl"
+    data.write_bytes(pickle.dumps([_Payload(marker)]))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "iemocap", "--data-dir", str(data), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused to load the global" in err and str(data) in err
+    assert not marker.exists() and not out.exists()
+    # the explicit escape hatch does unpickle with plain pickle (the file is then not IEMOCAP's layout)
+    assert main(["train", "--dataset", "iemocap", "--data-dir", str(data), "--out", str(out), "--quiet",
+                 "--unsafe-pickle"]) == 2
+    assert marker.read_text() == "ran"

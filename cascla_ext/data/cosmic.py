@@ -14,13 +14,17 @@ Two files per dataset (``meld`` or ``iemocap``), in one directory:
   dialogue id -> n vectors of 768. Six of them become ``RawDialogue.clues``
   (n, 6, 768) in ``CLUE_RELATIONS`` order.
 
-Security: unpickling runs whatever code the file names. Only read pickles
-from a source you trust.
+Security: both pickles are read as data only (``safe_pickle.load_pickle``):
+strings, numbers, lists, dicts, sets and numpy arrays (no object arrays)
+load, any other global a file names is refused with a DataError naming the
+file and the global, and a corrupt file is one DataError with memory bounded
+by its size. ``unsafe_pickle=True`` unpickles with plain ``pickle.load``,
+which runs whatever code the files name: only for files you trust.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -29,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from .batch import CLUE_RELATIONS
-from .iemocap import IEMOCAP_LABELS, id_sort_key, label_names_of, load_pickle, ordered_ids
+from .iemocap import IEMOCAP_LABELS, id_sort_key, is_hashable, label_names_of, ordered_ids
 from .meld import MELD_LABELS, normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
+from .safe_pickle import load_pickle
 
 __all__ = [
     "ATOMIC_RELATIONS", "COSMIC_DATASETS", "LAYOUTS", "TEXT_LAYERS", "VAL_FRACTION", "VAL_SEED", "Layout",
@@ -133,7 +138,7 @@ def _check_layout(layout: Layout, obj: Sequence) -> str | None:
     # One non-empty dialogue found in every dict stands for all (the others' problems are
     # reported, dialogue by dialogue, when they are read).
     vid = next((v for s in _SPLIT_FIELDS if s in items for v in items[s]
-                if isinstance(v, Hashable) and all(v in d for d in dicts) and _has_len(items["labels"][v])),
+                if is_hashable(v) and all(v in d for d in dicts) and _has_len(items["labels"][v])),
                None)
     if vid is None:
         return "no non-empty dialogue of the split lists is in every per-dialogue dict"
@@ -248,8 +253,8 @@ def _clues(comet: dict[str, Mapping], vid: Any, n: int, where: str) -> np.ndarra
     return np.ascontiguousarray(np.stack(rows, axis=1), dtype=np.float32)
 
 
-def _load_comet(path: Path) -> dict[str, Mapping]:
-    obj = load_pickle(path)
+def _load_comet(path: Path, unsafe_pickle: bool = False) -> dict[str, Mapping]:
+    obj = load_pickle(path, allow_unsafe=unsafe_pickle)
     if isinstance(obj, Mapping):
         missing = [r for r in CLUE_RELATIONS if r not in obj]
         if missing:
@@ -298,7 +303,7 @@ def _find_files(data_dir: Path, dataset: str | None) -> tuple[str, Path, Path]:
 
 
 def read_cosmic(data_dir: str | Path, dataset: str | None = None,
-                text_layers: str | int = "mean") -> RawCorpus:
+                text_layers: str | int = "mean", *, unsafe_pickle: bool = False) -> RawCorpus:
     """Read COSMIC's (or CauAIN's) RoBERTa feature pickle and, if present, its COMET pickle.
 
     data_dir: the directory with ``<dataset>_features_roberta.pkl`` (and
@@ -310,6 +315,8 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
     text_layers: how the four RoBERTa feature sets become ``features["t"]``:
         "mean" averages them, "concat" concatenates them (4 x 1024), "1".."4"
         picks one.
+    unsafe_pickle: unpickle with plain ``pickle.load``, which runs any code
+        the files name, instead of as data only: only for files you trust.
 
     Features: ``"t"``, and ``"a"``/``"v"`` where the pickle has audio/visual,
     float32 (n, d). Clues: (n, 6, 768) in ``CLUE_RELATIONS`` order, or None
@@ -322,22 +329,26 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
     ids (absent or empty), ``hold_out`` moves a deterministic 10% of the
     train dialogues to "val" (``meta["held_out"]`` is True on them).
 
-    Unpickling can execute arbitrary code: only read files you trust.
+    Both pickles are read as data only (``load_pickle``) unless ``unsafe_pickle``.
     """
     text_layers = str(text_layers)
     if text_layers not in TEXT_LAYERS:
         raise ValueError(f"cosmic: text_layers must be one of {', '.join(TEXT_LAYERS)}, got {text_layers!r}")
     dataset, path, comet_path = _find_files(Path(data_dir), dataset)
     label_names = COSMIC_DATASETS[dataset]
-    obj = load_pickle(path)
+    obj = load_pickle(path, allow_unsafe=unsafe_pickle)
     layout = detect_layout(obj, path)
     items = {f: v for f, v in zip(layout.fields, obj) if f != "_"}
     if text_layers not in ("mean", "concat") and int(text_layers) > len(layout.text_fields):
         raise ValueError(f"cosmic: text_layers={text_layers} but {path} ({layout.name} layout) has "
                          f"{len(layout.text_fields)} text feature set(s)")
-    comet = _load_comet(comet_path) if comet_path.is_file() else None
+    comet = _load_comet(comet_path, unsafe_pickle) if comet_path.is_file() else None
 
     ids = {s: ordered_ids(items.get(f), f"{f} ids", str(path)) for f, s in _SPLIT_FIELDS.items()}
+    for f, s in _SPLIT_FIELDS.items():
+        bad = next((v for v in ids[s] if not is_hashable(v)), None)
+        if bad is not None:
+            raise DataError(f"{path}: {f} ids: a dialogue id must be a string or an int, got a {type(bad).__name__}")
     held_out: set = set()
     if not ids["val"]:
         ids["train"], ids["val"] = hold_out(ids["train"])
@@ -347,8 +358,6 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
     for split in SPLITS:
         for vid in ids[split]:
             where = f"{path}: dialogue {vid!r}"
-            if not isinstance(vid, Hashable):
-                raise DataError(f"{where}: a dialogue id must be a string or an int")
             if vid in seen:
                 raise DataError(f"{where}: in both the {seen[vid]} and the {split} ids")
             seen[vid] = split

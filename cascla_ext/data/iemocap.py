@@ -6,14 +6,18 @@ to per-utterance lists (``'M'``/``'F'``, an int label, the text); the last
 three list dialogue ids. Labels: 0 happy, 1 sad, 2 neutral, 3 angry,
 4 excited, 5 frustrated.
 
-Security: unpickling runs whatever code the file names. Only read pickles
-from a source you trust (the same holds for ``cosmic``'s feature pickles).
+Security: the pickle is read as data only (``safe_pickle.load_pickle``):
+strings, numbers, lists, dicts, sets and numpy arrays load, any other global
+the file names is refused with a DataError naming the file and the global,
+and a corrupt file is one DataError with memory bounded by its size (the same
+holds for ``cosmic``'s feature pickles). ``unsafe_pickle=True`` unpickles
+with plain ``pickle.load``, which runs whatever code the file names: only
+for a file you trust.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -22,29 +26,15 @@ import numpy as np
 
 from .meld import normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
+from .safe_pickle import load_pickle
 
-__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "label_index", "label_names_of", "load_pickle", "ordered_ids",
-           "read_iemocap"]
+__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "is_hashable", "label_index", "label_names_of",
+           "load_pickle", "ordered_ids", "read_iemocap"]
 
 #: Emotion names in the order of COSMIC's label ints.
 IEMOCAP_LABELS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
 IEMOCAP_FILE = "iemocap.pkl"
 _FIELDS = ("speakers", "labels", "sentences", "trainIds", "testIds", "validIds")
-
-
-def load_pickle(path: Path) -> Any:
-    """Unpickle ``path`` (Python 2 pickles too: ``encoding="latin1"``) or raise DataError.
-
-    Unpickling can execute arbitrary code: only load files you trust.
-    """
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
-            ValueError) as err:
-        raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
 
 
 def ordered_ids(ids: Any, what: str, where: str) -> list:
@@ -57,6 +47,15 @@ def ordered_ids(ids: Any, what: str, where: str) -> list:
     if isinstance(ids, (set, frozenset)):
         out.sort(key=id_sort_key)
     return out
+
+
+def is_hashable(value: Any) -> bool:
+    """Whether ``value`` can be a dict key (a tuple holding a list cannot, though it is ``Hashable``)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def id_sort_key(vid: Any) -> tuple:
@@ -89,7 +88,15 @@ def label_names_of(labels: Sequence[Any], label_names: Sequence[str], where: str
     return names
 
 
-def read_iemocap(data_dir: str | Path) -> RawCorpus:
+def _utterances(value: Any, what: str, where: str) -> list:
+    """A dialogue's per-utterance entries as a list, or DataError if ``value`` is not a sequence."""
+    try:
+        return list(value)
+    except TypeError:
+        raise DataError(f"{where}: {what} should be a list, got {type(value).__name__}") from None
+
+
+def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False) -> RawCorpus:
     """Read COSMIC's IEMOCAP text pickle: ``data_dir/iemocap.pkl``, or ``data_dir`` itself if it is a file.
 
     Splits: ``trainIds`` -> "train", ``validIds`` -> "val", ``testIds`` ->
@@ -103,7 +110,9 @@ def read_iemocap(data_dir: str | Path) -> RawCorpus:
     missing from the dicts or listed twice, empty dialogues, lists of
     different lengths, and labels that are not ints in 0..5.
 
-    Unpickling can execute arbitrary code: only read files you trust.
+    The pickle is read as data only (``load_pickle``); ``unsafe_pickle=True``
+    uses plain ``pickle.load``, which runs any code the file names: only for
+    a file you trust.
     """
     data_dir = Path(data_dir)
     path = data_dir if data_dir.is_file() else data_dir / IEMOCAP_FILE
@@ -111,7 +120,7 @@ def read_iemocap(data_dir: str | Path) -> RawCorpus:
         raise DataError(f"IEMOCAP: {data_dir} does not exist")
     if not path.is_file():
         raise DataError(f"IEMOCAP: {path} not found (expected COSMIC's {IEMOCAP_FILE} in {data_dir})")
-    obj = load_pickle(path)
+    obj = load_pickle(path, allow_unsafe=unsafe_pickle)
     if not isinstance(obj, (list, tuple)) or len(obj) != len(_FIELDS):
         got = f"a {type(obj).__name__} of {len(obj)} items" if isinstance(obj, (list, tuple)) \
             else f"a {type(obj).__name__}"
@@ -128,16 +137,18 @@ def read_iemocap(data_dir: str | Path) -> RawCorpus:
         split = split_of[field_name]
         ids = ordered_ids(obj[_FIELDS.index(field_name)], field_name, str(path))
         for vid in ids:
+            if not is_hashable(vid):
+                raise DataError(f"{path}: {field_name}: a dialogue id must be a string or an int, got a "
+                                f"{type(vid).__name__}")
             where = f"{path}: dialogue {vid!r} ({field_name})"
-            if not isinstance(vid, Hashable):
-                raise DataError(f"{where}: a dialogue id must be a string or an int")
             if vid in seen:
                 raise DataError(f"{where}: listed twice (also in {seen[vid]})")
             seen[vid] = field_name
             absent = [n for n, d in zip(_FIELDS[:3], (speakers, labels, sentences)) if vid not in d]
             if absent:
                 raise DataError(f"{where}: missing from {', '.join(absent)}")
-            spk, lab, sen = (list(d[vid]) for d in (speakers, labels, sentences))
+            spk, lab, sen = (_utterances(d[vid], name, where)
+                             for name, d in zip(_FIELDS[:3], (speakers, labels, sentences)))
             if not spk:
                 raise DataError(f"{where}: no utterances")
             if not len(spk) == len(lab) == len(sen):
