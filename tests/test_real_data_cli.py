@@ -307,6 +307,7 @@ def test_a_checkpoint_never_steers_writes_or_deletes(tmp_path, jsonl_dir, capsys
     out, cache = tmp_path / "run", tmp_path / "cache"
     assert main(["train", "--dataset", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--epochs", "1",
                  "--quiet", "--preset", "small", "--clues", "none", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: no encoder loading or encoding bars either
     victim = tmp_path / "precious"
     victim.mkdir()
     (victim / "cascla_finetune.json").write_text('{"settings": {}}')

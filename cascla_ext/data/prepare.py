@@ -152,7 +152,7 @@ def _load_encoder(options: FeatureOptions, raw: RawCorpus | None):
 def _extract_text(encoder, texts: list[str], options: FeatureOptions, tag: str) -> np.ndarray:
     from ..features import encode_cached
 
-    return encode_cached(encoder, texts, _cache(options), tag)
+    return encode_cached(encoder, texts, _cache(options), tag, progress=options.progress)
 
 
 def _resolve_clue_kind(dialogues: list[RawDialogue], options: FeatureOptions) -> str:
