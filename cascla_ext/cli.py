@@ -113,7 +113,9 @@ def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CLASSIFIER_LOSSES
     from .data import DATASETS
+    from .train import DECISION_BIAS_SCORES
 
     parser = _Parser(prog="cascla", description="Train and evaluate CaSCLA (multimodal emotion "
                      "recognition in conversation).")
@@ -151,7 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma", type=_nonnegative_float, default=None,
                    help="SCLA class-weight exponent (paper: 0.5, 1.0 or 1.5)")
     t.add_argument("--scla-weight", type=_nonnegative_float, default=None,
-                   help="lambda, the weight of the SCLA loss")
+                   help="lambda, the weight of the SCLA loss (default 1, the paper's)")
+    t.add_argument("--classifier-loss", choices=CLASSIFIER_LOSSES, default=None,
+                   help="loss of the classifier: ce (the paper's, default), weighted_ce (class weights "
+                        "1/prior^0.5), focal (gamma 2) or logit_adjusted (Menon et al., tau 1)")
+    t.add_argument("--decision-bias", choices=DECISION_BIAS_SCORES, default="none",
+                   help="fit per-class decision biases on the selection split after training, "
+                        "maximising this score (default: none)")
+    t.add_argument("--scla-normalization", choices=("balanced", "literal"), default=None,
+                   help="scale of the SCLA loss: balanced (class weights of mean 1, averaged over the "
+                        "views; the default) or literal (Eq. 18 as written); docs/objective.md")
     t.add_argument("--reference-ops", action="store_true",
                    help="run the pure-PyTorch reference ops instead of the fused kernels (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -269,10 +280,16 @@ def _train(args) -> int:
         overrides["gamma"] = args.gamma
     if args.scla_weight is not None:
         overrides["scla_weight"] = args.scla_weight
+    if args.scla_normalization is not None:
+        overrides["scla_normalization"] = args.scla_normalization
+    if args.classifier_loss is not None:
+        overrides["classifier_loss"] = args.classifier_loss
+    overrides["class_prior"] = corpus.class_prior("train")
     config = getattr(CaSCLAConfig, preset)(**overrides) if preset != "paper" else CaSCLAConfig(**overrides)
     lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
-                             device=args.device, progress=not args.quiet, select_split=args.select_on)
+                             device=args.device, progress=not args.quiet, select_split=args.select_on,
+                             decision_bias=args.decision_bias)
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                  "features": options.to_dict(), "reader_options": reader_options, "preset": preset,

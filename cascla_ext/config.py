@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from .data.batch import MODALITIES
 
 
+#: The classifier losses ``CaSCLAConfig.classifier_loss`` may name.
+CLASSIFIER_LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
+
+
 @dataclass
 class CaSCLAConfig:
     """Configuration of :class:`cascla_ext.CaSCLA`.
@@ -48,6 +52,23 @@ class CaSCLAConfig:
     beta: float = 0.5
     gamma: float = 1.0
     scla_weight: float = 1.0     # lambda
+    # How Eq. 18 is scaled: "balanced" (class weights normalised to mean 1 over
+    # the batch, each anchor's loss averaged over its 1 + P views: the term
+    # stays near the cross-entropy's scale, so lambda = 1 works) or "literal"
+    # (Eq. 18 as written: ~25-35x the cross-entropy on MELD-like labels).
+    # docs/objective.md has the numbers.
+    scla_normalization: str = "balanced"
+    # The classifier's loss (the CE terms of Eq. 21, clean and adversarial):
+    # "ce" (the paper's), "weighted_ce" (class weights (1 / prior)^class_weight_power,
+    # normalised to mean 1 under the prior), "focal" (Lin et al., focal_gamma),
+    # or "logit_adjusted" (Menon et al.: CE of logits + logit_adjust_tau * log prior,
+    # the balanced softmax at tau 1; predictions use the plain logits).
+    # class_prior: the training split's label frequencies (set from the data).
+    classifier_loss: str = "ce"
+    class_prior: tuple[float, ...] | None = None
+    class_weight_power: float = 0.5
+    focal_gamma: float = 2.0
+    logit_adjust_tau: float = 1.0
     label_embedding_dim: int = 300
     label_dropout: float = 0.1
     dropout: float = 0.1
@@ -68,7 +89,7 @@ class CaSCLAConfig:
             raise ValueError(f"CaSCLAConfig: {msg}")
 
         for name in ("eta", "fusion_gain", "epsilon", "alpha", "beta", "gamma", "scla_weight", "dropout",
-                     "label_dropout"):
+                     "label_dropout", "class_weight_power", "focal_gamma", "logit_adjust_tau"):
             value = getattr(self, name)
             if value is None and name == "fusion_gain":
                 continue
@@ -110,6 +131,22 @@ class CaSCLAConfig:
         for name in ("epsilon", "alpha", "beta", "gamma", "scla_weight"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.classifier_loss not in CLASSIFIER_LOSSES:
+            fail(f"classifier_loss must be one of {', '.join(CLASSIFIER_LOSSES)}, got {self.classifier_loss!r}")
+        if self.class_prior is not None:
+            self.class_prior = tuple(float(p) for p in self.class_prior)
+            if len(self.class_prior) != self.num_classes or not all(
+                    math.isfinite(p) and p >= 0 for p in self.class_prior) or not sum(self.class_prior) > 0:
+                fail(f"class_prior must hold {self.num_classes} finite frequencies >= 0 (not all 0), "
+                     f"got {self.class_prior}")
+        elif self.classifier_loss in ("weighted_ce", "logit_adjusted"):
+            fail(f"classifier_loss {self.classifier_loss!r} needs class_prior (the training labels' "
+                 "frequencies; CaSCLAConfig.for_corpus and the CLI set it)")
+        for name in ("class_weight_power", "focal_gamma", "logit_adjust_tau"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.scla_normalization not in ("literal", "balanced"):
+            fail(f"scla_normalization must be 'literal' or 'balanced', got {self.scla_normalization!r}")
         if self.ops_backend not in ("fused", "reference"):
             fail(f"ops_backend must be 'fused' or 'reference', got {self.ops_backend!r}")
         if self.use_text_augmentation and "t" not in self.modalities:

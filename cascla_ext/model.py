@@ -49,6 +49,10 @@ class CaSCLAOutput:
     loss: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     perturbation: list[Tensor] | None = None  # the adversarial rho per GRU direction (AST)
+    # forward(..., grad_norms=True): the L2 norm of each weighted term's
+    # gradient at the fused features x that every term shares (the balance
+    # of the objective, as metrics.json records it).
+    grad_norms: dict[str, float] = field(default_factory=dict)
 
 
 class UnimodalEncoder(nn.Module):
@@ -100,10 +104,20 @@ class CaSCLA(nn.Module):
         self.fusion_gain = cfg.fusion_gain if cfg.fusion_gain is not None else cfg.d_fused ** 0.5
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_feature, cfg.num_classes)
+        # Per-class biases added to the logits when predicting (0 unless
+        # fitted on a selection split: cascla_ext.train.fit_decision_bias).
+        self.register_buffer("decision_bias", torch.zeros(cfg.num_classes))
+        if cfg.class_prior is not None:
+            prior = torch.tensor(cfg.class_prior, dtype=torch.float32)
+            prior = prior / prior.sum()
+            self.register_buffer("log_prior", prior.clamp_min(1e-12).log(), persistent=False)
+            w = prior.clamp_min(1e-12) ** -cfg.class_weight_power
+            self.register_buffer("class_weights", w / (w * prior).sum(), persistent=False)  # mean 1 under the prior
         if cfg.use_scla:
             self.scla = SCLALoss(cfg.num_classes, cfg.d_feature, embedding_dim=cfg.label_embedding_dim,
                                  dropout=cfg.label_dropout, alpha=cfg.alpha, beta=cfg.beta,
-                                 gamma=cfg.gamma, backend=cfg.ops_backend)
+                                 gamma=cfg.gamma, normalization=cfg.scla_normalization,
+                                 backend=cfg.ops_backend)
 
     # ------------------------------------------------------------------ parts
     def _check_batch(self, batch: Batch) -> None:
@@ -135,10 +149,24 @@ class CaSCLA(nn.Module):
                                 batch.speakers, batch.mask)
 
     def _ce(self, f: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-        return F.cross_entropy(self.classifier(f)[valid], labels[valid])
+        return self.classifier_loss(self.classifier(f)[valid], labels[valid])
+
+    def classifier_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of the classifier on (N, K) logits (``config.classifier_loss``)."""
+        cfg = self.config
+        if cfg.classifier_loss == "ce":
+            return F.cross_entropy(logits, labels)
+        if cfg.classifier_loss == "logit_adjusted":
+            # Menon et al. (2021): train on logits + tau * log prior, predict with the logits.
+            return F.cross_entropy(logits + cfg.logit_adjust_tau * self.log_prior.to(logits.dtype), labels)
+        if cfg.classifier_loss == "weighted_ce":
+            return F.cross_entropy(logits, labels, weight=self.class_weights.to(logits.dtype))
+        # focal (Lin et al., 2017): -(1 - p_y)^gamma log p_y, averaged
+        logp = F.log_softmax(logits, dim=-1).gather(1, labels.unsqueeze(1)).squeeze(1)
+        return -((1 - logp.exp()).clamp_min(0) ** cfg.focal_gamma * logp).mean()
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: Batch) -> CaSCLAOutput:
+    def forward(self, batch: Batch, *, grad_norms: bool = False) -> CaSCLAOutput:
         self._check_batch(batch)
         cfg = self.config
         mask = batch.mask
@@ -165,7 +193,7 @@ class CaSCLA(nn.Module):
             # Nothing to learn from (e.g. a partly labelled file): no loss term
             # is defined. loss stays None; the training loop counts the step.
             return out
-        ce = F.cross_entropy(logits[valid], labels[valid])
+        ce = self.classifier_loss(logits[valid], labels[valid])
         out.losses["ce"] = ce
         views = []
         if use_ast:
@@ -192,11 +220,15 @@ class CaSCLA(nn.Module):
             out.losses["scla"] = self.scla(f[valid], labels[valid], f_aug)
         weights = {"ce": 1.0, "scla": cfg.scla_weight, "ce_adv": 1.0}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
+        if grad_norms and x.requires_grad:
+            for k, v in out.losses.items():
+                (g,) = torch.autograd.grad(weights[k] * v, x, retain_graph=True, allow_unused=True)
+                out.grad_norms[k] = 0.0 if g is None else float(g.norm())
         return out
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        """Class probabilities (B, T, K); 0 at padded utterances."""
+        """Class probabilities (B, T, K): softmax(logits + decision_bias); 0 at padded utterances."""
         was_training = self.training
         self.eval()
         try:
@@ -205,7 +237,7 @@ class CaSCLA(nn.Module):
                                         ids=batch.ids)).logits
         finally:
             self.train(was_training)
-        return torch.softmax(logits, dim=-1) * batch.mask.unsqueeze(-1)
+        return torch.softmax(logits + self.decision_bias, dim=-1) * batch.mask.unsqueeze(-1)
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike, **extra) -> None:
@@ -254,8 +286,10 @@ class CaSCLA(nn.Module):
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {path}: its config does not describe a model "
                                   f"({_one_line(err)})") from None
+        weights = dict(state["state_dict"])
+        weights.setdefault("decision_bias", torch.zeros(config.num_classes))  # checkpoints before it existed
         try:
-            model.load_state_dict(state["state_dict"])
+            model.load_state_dict(weights)
         except (RuntimeError, TypeError, KeyError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {path}: the weights do not fit its config "
                                   f"({_one_line(err)})") from None

@@ -20,8 +20,50 @@ from .data import Corpus, Dialogue, collate
 from .metrics import scores
 from .model import CaSCLA
 
-__all__ = ["TrainSettings", "TrainingDiverged", "evaluate", "predict_dialogues", "seed_everything", "summarise_scores", "train",
-           "train_seeds"]
+__all__ = ["DECISION_BIAS_SCORES", "TrainSettings", "TrainingDiverged", "evaluate", "fit_decision_bias",
+           "predict_dialogues", "seed_everything", "summarise_scores", "train", "train_seeds"]
+
+
+#: What TrainSettings.decision_bias may maximise on the selection split.
+DECISION_BIAS_SCORES = ("none", "weighted_f1", "macro_f1", "mean_f1")
+
+
+def _selection_score(result: dict, name: str) -> float:
+    if name == "mean_f1":
+        return 0.5 * (result["weighted_f1"] + result["macro_f1"])
+    return result[name]
+
+
+def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequence[str], score: str = "mean_f1",
+                      grid: Sequence[float] = tuple(np.arange(-3.0, 3.01, 0.25)), passes: int = 2
+                      ) -> tuple[np.ndarray, float, float]:
+    """Per-class biases b (K,) added to the log-probabilities that maximise
+    ``score`` (weighted_f1, macro_f1 or mean_f1) of argmax(log_probs + b) on
+    labelled utterances (y >= 0), by coordinate ascent over ``grid``, one
+    class at a time, ``passes`` times; a change is kept only if it raises the
+    score. Returns (b, score before, score after). Fit on a selection split
+    (the hold-out or validation), never on test."""
+    keep = y >= 0
+    log_probs, y = np.asarray(log_probs, dtype=np.float64)[keep], np.asarray(y)[keep]
+    K = log_probs.shape[1]
+
+    def value(b: np.ndarray) -> float:
+        return _selection_score(scores(y, (log_probs + b).argmax(-1), label_names), score)
+
+    b = np.zeros(K)
+    before = best = value(b)
+    for _ in range(passes):
+        improved = False
+        for k in range(K):
+            for v in grid:
+                trial = b.copy()
+                trial[k] = v
+                s = value(trial)
+                if s > best + 1e-12:
+                    best, b, improved = s, trial, True
+        if not improved:
+            break
+    return b, before, best
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,6 +82,10 @@ class TrainSettings:
     progress: bool = True
     grad_clip: float | None = 5.0
     select_split: str = "val"  # the split that picks the best epoch ("val" or "holdout"), never "test"
+    # Per-class decision biases fitted on the selection split after training
+    # (fit_decision_bias): "none", or the score they maximise there:
+    # "weighted_f1", "macro_f1" or "mean_f1" (the mean of the two).
+    decision_bias: str = "none"
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
@@ -59,6 +105,8 @@ class TrainSettings:
             fail(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
         if self.select_split == "test":
             raise ValueError("the best epoch is never selected on the test split")
+        if self.decision_bias not in DECISION_BIAS_SCORES:
+            fail(f"decision_bias must be one of {', '.join(DECISION_BIAS_SCORES)}, got {self.decision_bias!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -188,9 +236,15 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             step_bar = tqdm(batches(train_set, settings.batch_size, config.modalities, True, generator),
                             total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
                             disable=not settings.progress)
+            # The gradient norm of each term at the shared features, on about
+            # eight steps an epoch (an extra backward per term on those steps).
+            every = max(1, steps_per_epoch // 8)
+            norms: dict[str, list[float]] = {}
             for step, batch in enumerate(step_bar, start=1):
                 batch = batch.to(device)
-                out = model(batch)
+                out = model(batch, grad_norms=(step - 1) % every == 0)
+                for k, v in out.grad_norms.items():
+                    norms.setdefault(k, []).append(v)
                 expected = _expected_terms(config)
                 if out.loss is None:  # no labelled utterance in the batch
                     without["labels"] = without.get("labels", 0) + 1
@@ -223,6 +277,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 "train": {k: v / counts[k] for k, v in sums.items()},
                 "steps": step,
                 "steps_without": without,
+                # the mean L2 norm of each weighted term's gradient at the fused features
+                "grad_norm": {k: sum(v) / len(v) for k, v in norms.items()},
                 "val": {k: val[k] for k in ("weighted_f1", "macro_f1", "accuracy", "per_class_f1", "n")},
                 "train_seconds": train_time,
                 "eval_seconds": time.perf_counter() - t0 - train_time,
@@ -240,6 +296,23 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}",
                                   best=f"{metrics['best_val_weighted_f1']:.3f}")
             write_metrics()
+        if settings.decision_bias != "none" and saved:
+            # Refit the biases of the selected epoch's model on the selection split.
+            model = CaSCLA.load(out_dir / "model.pt").to(device)
+            probs = predict_dialogues(model, val_set, settings.batch_size, device)
+            y = np.concatenate([d.labels for d in val_set])
+            bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, corpus.label_names,
+                                                    settings.decision_bias)
+            model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
+            metrics["decision_bias"] = {"score": settings.decision_bias, "bias": dict(zip(corpus.label_names,
+                                                                                           bias.tolist())),
+                                        "selection_before": before, "selection_after": after}
+            final = evaluate(model, val_set, settings.batch_size, device)
+            metrics["selection_scores"] = {k: final[k] for k in ("weighted_f1", "macro_f1", "accuracy",
+                                                                  "per_class_f1", "n")}
+            write_metrics()
+            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=saved["epoch"], seed=settings.seed,
+                       data=data_info)
     except BaseException as err:
         # Describe what is on disk: the last checkpoint written, not a pending one.
         metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -303,7 +376,8 @@ def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, repo
         metrics = train(config, corpus, run_dir, dc_replace(settings, seed=seed), data_info, overwrite=overwrite)
         # The selection split was scored at the best epoch already; the others
         # are scored with that epoch's checkpoint.
-        scored = {settings.select_split: metrics["epochs"][metrics["best_epoch"] - 1]["val"]}
+        scored = {settings.select_split: metrics.get("selection_scores")
+                  or metrics["epochs"][metrics["best_epoch"] - 1]["val"]}
         if splits[1:]:
             model = CaSCLA.load(run_dir / "model.pt").to(resolve_device(settings.device))
             scored.update({s: evaluate(model, corpus.split(s), settings.batch_size, settings.device)

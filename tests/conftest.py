@@ -41,6 +41,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def synthetic():
+    """The built-in corpus (seed 0), built once per test session."""
+    from cascla_ext.data import load_dataset
+
+    return load_dataset("synthetic")
+
+
+def small_config(corpus, **overrides):
+    """``CaSCLAConfig.small`` for ``corpus`` (its widths, classes and training prior)."""
+    from cascla_ext import CaSCLAConfig
+
+    values = dict(num_classes=len(corpus.label_names), input_dims=corpus.input_dims, clue_dim=corpus.clue_dim,
+                  class_prior=corpus.class_prior())
+    return CaSCLAConfig.small(**{**values, **overrides})
+
+
 def assert_close(actual, expected, dtype=None, *, atol=None, rtol=None, msg=""):
     """Per-dtype tolerances: float64 is checked tightly, float32 loosely."""
     dtype = dtype or expected.dtype

@@ -19,23 +19,14 @@ import torch
 from cascla_ext import CaSCLA, CaSCLAConfig, collate, ops, reference
 from cascla_ext._io import atomic_torch_save, atomic_write_json
 from cascla_ext.cli import main
-from cascla_ext.data import Corpus, Dialogue, load_dataset
+from cascla_ext.data import Corpus, Dialogue
 from cascla_ext.metrics import scores
 from cascla_ext.runs import RunFolderError, claim_run_dir
 from cascla_ext.train import TrainingDiverged, TrainSettings, train
+from conftest import small_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    return load_dataset("synthetic")
-
-
-def small_config(corpus, **overrides) -> CaSCLAConfig:
-    return CaSCLAConfig.small(num_classes=len(corpus.label_names), input_dims=corpus.input_dims,
-                              clue_dim=corpus.clue_dim, **overrides)
 
 
 def tiny_corpus(corpus, n_train=12, n_val=4, length=None, unlabelled=()) -> Corpus:
@@ -143,8 +134,8 @@ def test_a_diverging_run_stops_with_one_line_and_no_nan_checkpoint(tmp_path, syn
 def test_a_nan_loss_term_is_named(tmp_path, synthetic, monkeypatch):
     real = CaSCLA.forward
 
-    def poisoned(self, batch):
-        out = real(self, batch)
+    def poisoned(self, batch, **kwargs):
+        out = real(self, batch, **kwargs)
         if "scla" in out.losses:
             out.losses["scla"] = out.losses["scla"] * float("nan")
         return out

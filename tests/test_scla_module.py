@@ -171,3 +171,23 @@ def test_reference_backend_uses_reference():
     mod = SCLALoss(K, D, backend="reference").eval()
     f, f_aug, y = batch()
     assert_close(mod(f, y, f_aug), reference.scla_loss(f, f_aug, mod.embeddings, y))
+
+
+@pytest.mark.parametrize("P,gamma,reduction", [(0, 1.0, "mean"), (2, 1.0, "mean"), (1, 1.5, "none"),
+                                               (2, 0.5, "sum")])
+def test_balanced_normalization_rescales_eq_18(device, P, gamma, reduction):
+    """balanced = literal / (mean_i (M / n_{y_i})^gamma * (1 + P)), written out here."""
+    f, f_aug, y = batch(M=17, P=max(P, 1), device=device)
+    f_aug = f_aug[:P] if P else None
+    y = torch.where(y == 4, torch.zeros_like(y), y)  # an absent class, unequal counts
+    torch.manual_seed(0)
+    literal = SCLALoss(K, D, gamma=gamma, reduction=reduction).to(device).eval()
+    balanced = SCLALoss(K, D, gamma=gamma, reduction=reduction, normalization="balanced").to(device).eval()
+    balanced.load_state_dict(literal.state_dict())
+    counts = {c: int((y == c).sum()) for c in y.tolist()}
+    weights = [(len(y) / counts[c]) ** gamma for c in y.tolist()]
+    expected_scale = 1.0 / (sum(weights) / len(weights) * (1 + P))
+    assert_close(balanced(f, y, f_aug), literal(f, y, f_aug) * expected_scale)
+    assert "normalization='balanced'" in repr(balanced)
+    with pytest.raises(ValueError, match="normalization"):
+        SCLALoss(K, D, normalization="paper")

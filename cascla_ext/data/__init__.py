@@ -35,6 +35,18 @@ class Corpus:
             raise ValueError(f"dataset {self.name} has no split {name!r} (it has: {have})")
         return self.splits[name]
 
+    def class_prior(self, split: str = "train") -> tuple[float, ...]:
+        """The label frequencies of ``split`` (labelled utterances only), in label order."""
+        counts = [0] * len(self.label_names)
+        for d in self.split(split):
+            for y in d.labels:
+                if y >= 0:
+                    counts[int(y)] += 1
+        total = sum(counts)
+        if not total:
+            raise ValueError(f"dataset {self.name}: the {split} split has no labelled utterance")
+        return tuple(c / total for c in counts)
+
     def with_holdout(self, fraction: float = 0.1, seed: int = 0) -> Corpus:
         """A copy whose split ``holdout`` is a deterministic ``fraction`` of the
         training dialogues (removed from ``train``): a selection split that

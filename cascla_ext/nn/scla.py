@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 
-__all__ = ["SCLALoss"]
+__all__ = ["NORMALIZATIONS", "SCLALoss", "balanced_scale"]
+
+#: Readings of Eq. 18's scale: the paper's as written, or normalised (see SCLALoss).
+NORMALIZATIONS = ("literal", "balanced")
 
 _BACKENDS = {"fused": ops.scla_loss, "reference": reference.scla_loss}
 
@@ -37,6 +40,17 @@ class SCLALoss(nn.Module):
             one of 0.5, 1.0, 1.5; default 1.0).
         reduction: "mean" (default: the sum of Eq. 18 divided by M), "sum"
             (Eq. 18 as written) or "none" (the M per-utterance losses).
+        normalization: "literal" (default here: Eq. 18 as the op computes it)
+            or "balanced": the class weights (M / n_c)^gamma divided by their
+            mean over the batch (mean 1, same relative emphasis on rare
+            classes; literally they average to the number of classes
+            present), and each anchor's loss divided by its 1 + P views
+            (literally it grows with every augmented positive). The balanced
+            loss is the literal one times 1 / (mean_i w_i * (1 + P)), a
+            factor computed on the device from y (no host round trip). It
+            keeps the term near the cross-entropy's scale, so lambda = 1
+            trains well (docs/objective.md has the numbers). ``CaSCLA``
+            defaults to "balanced".
         backend: "fused" (the C++/CUDA op, default) or "reference" (pure
             PyTorch with the M x M covariances, for debugging).
 
@@ -59,6 +73,7 @@ class SCLALoss(nn.Module):
         beta: float = 0.5,
         gamma: float = 1.0,
         reduction: str = "mean",
+        normalization: str = "literal",
         backend: str = "fused",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -77,12 +92,14 @@ class SCLALoss(nn.Module):
             raise ValueError(f"SCLALoss: expected alpha >= 0 and beta >= 0, got {alpha}, {beta}")
         if reduction not in ("none", "sum", "mean"):
             raise ValueError(f"SCLALoss: expected reduction 'none', 'sum' or 'mean', got {reduction!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"SCLALoss: expected normalization 'literal' or 'balanced', got {normalization!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"SCLALoss: expected backend 'fused' or 'reference', got {backend!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes, self.dim, self.embedding_dim = num_classes, dim, embedding_dim
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend, self.normalization = reduction, backend, normalization
         self.embedding = nn.Embedding(num_classes, embedding_dim, **factory)  # Emb (Eq. 11)
         self.proj = nn.Linear(embedding_dim, dim, **factory)  # W_g, b_g (Eq. 10)
         self.dropout = nn.Dropout(dropout)
@@ -102,9 +119,23 @@ class SCLALoss(nn.Module):
         if f_aug is not None and not isinstance(f_aug, Tensor):
             f_aug = torch.stack(list(f_aug)) if len(f_aug) else None
         z = self.label_embeddings().to(f.dtype)
-        return _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
+        loss = _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
+        if self.normalization == "balanced":
+            loss = loss * balanced_scale(y, self.num_classes, self.gamma, 0 if f_aug is None else f_aug.shape[0],
+                                         f.dtype)
+        return loss
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, embedding_dim={self.embedding_dim}, "
                 f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+                f"normalization={self.normalization!r}, backend={self.backend!r}")
+
+
+def balanced_scale(y: Tensor, num_classes: int, gamma: float, num_views: int, dtype: torch.dtype) -> Tensor:
+    """1 / (mean_i (M / n_{y_i})^gamma * (1 + P)): the factor that turns Eq.
+    18's loss into the balanced reading (``SCLALoss(normalization="balanced")``).
+    A 0-d tensor on y's device, computed without a host round trip."""
+    M = y.numel()
+    counts = torch.bincount(y, minlength=num_classes).to(dtype)
+    weights = (M / counts[y]) ** gamma
+    return 1.0 / (weights.mean() * (1 + num_views))

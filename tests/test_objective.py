@@ -1,0 +1,162 @@
+"""The objective's readings and options (issue 13): the balanced SCLA scale by
+default (the literal Eq. 18 one field away), each term's gradient norm in the
+metrics, the classifier losses for rare classes, and decision biases fitted
+on the selection split."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascla_ext import CaSCLA, CaSCLAConfig, collate
+from cascla_ext.cli import main
+from cascla_ext.data import Corpus
+from cascla_ext.train import TrainSettings, evaluate, fit_decision_bias, train
+from conftest import assert_close, small_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_corpus(corpus, n_train=16, n_val=8) -> Corpus:
+    splits = {"train": corpus.split("train")[:n_train], "val": corpus.split("val")[:n_val], "test": []}
+    return Corpus(corpus.name, splits, corpus.label_names, corpus.input_dims, corpus.clue_dim)
+
+
+def test_the_balanced_reading_is_the_default_and_the_literal_one_a_field_away(synthetic):
+    assert CaSCLAConfig().scla_normalization == "balanced"
+    assert CaSCLAConfig().scla_weight == 1.0  # the paper's lambda, which the balanced scale makes usable
+    torch.manual_seed(0)
+    batch = collate(synthetic.split("train")[:8])
+    values = {}
+    for reading in ("balanced", "literal"):
+        torch.manual_seed(0)
+        model = CaSCLA(small_config(synthetic, scla_normalization=reading, use_ast=False,
+                                  use_text_augmentation=False), synthetic.label_names).eval()
+        values[reading] = model(batch).losses
+    valid = batch.labels[batch.mask]
+    counts = torch.bincount(valid, minlength=7).double()
+    mean_weight = float((len(valid) / counts[valid]).mean())  # gamma 1, P = 0 in eval mode
+    assert values["literal"]["scla"].item() == pytest.approx(values["balanced"]["scla"].item() * mean_weight,
+                                                             rel=1e-5)
+    assert values["literal"]["ce"].item() == pytest.approx(values["balanced"]["ce"].item())
+    with pytest.raises(ValueError, match="scla_normalization"):
+        CaSCLAConfig(scla_normalization="paper")
+
+
+def test_metrics_record_each_terms_gradient_norm(tmp_path, synthetic):
+    metrics = train(small_config(synthetic), small_corpus(synthetic), tmp_path / "run",
+                    TrainSettings(epochs=1, batch_size=4, progress=False))
+    norms = metrics["epochs"][0]["grad_norm"]
+    assert set(norms) == {"ce", "scla", "ce_adv"}
+    assert all(math.isfinite(v) and v > 0 for v in norms.values())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"][0]["grad_norm"] == norms
+
+
+def test_grad_norms_are_the_weighted_terms_gradients_at_the_fused_features(synthetic):
+    torch.manual_seed(0)
+    model = CaSCLA(small_config(synthetic, scla_weight=0.5, use_ast=False), synthetic.label_names).train()
+    batch = collate(synthetic.split("train")[:4])
+    torch.manual_seed(1)
+    out = model(batch, grad_norms=True)
+    assert set(out.grad_norms) == {"ce", "scla"}
+    # doubling lambda doubles the SCLA term's gradient (the same dropout masks: same seed)
+    model.config.scla_weight = 1.0
+    torch.manual_seed(1)
+    again = model(batch, grad_norms=True)
+    assert again.grad_norms["scla"] == pytest.approx(2 * out.grad_norms["scla"], rel=1e-4)
+    assert again.grad_norms["ce"] == pytest.approx(out.grad_norms["ce"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- classifier losses
+@pytest.fixture
+def logits_labels():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(11, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 0, 0, 1, 1, 2, 0])
+
+
+def model_with(loss: str, prior=(0.5, 0.25, 0.15, 0.1), **kw) -> CaSCLA:
+    cfg = CaSCLAConfig.small(num_classes=4, input_dims={"t": 3, "a": 3, "v": 3}, clue_dim=2, classifier_loss=loss,
+                             class_prior=prior, **kw)
+    return CaSCLA(cfg)
+
+
+def test_classifier_losses_are_their_formulas(logits_labels):
+    logits, y = logits_labels
+    prior = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
+    assert_close(model_with("ce").classifier_loss(logits, y), F.cross_entropy(logits, y))
+    # logit adjustment: CE of logits + tau log prior
+    assert_close(model_with("logit_adjusted", logit_adjust_tau=0.7).classifier_loss(logits, y),
+                 F.cross_entropy(logits + 0.7 * prior.log(), y))
+    # weighted: w_c = prior_c^-power, scaled to mean 1 under the prior
+    w = prior ** -0.5
+    w = w / (w * prior).sum()
+    assert_close(model_with("weighted_ce").classifier_loss(logits, y), F.cross_entropy(logits, y, weight=w))
+    # focal, by hand
+    p = torch.softmax(logits, -1)[torch.arange(len(y)), y]
+    assert_close(model_with("focal", focal_gamma=2.0).classifier_loss(logits, y),
+                 (-(1 - p) ** 2 * p.log()).mean())
+    assert_close(model_with("focal", focal_gamma=0.0).classifier_loss(logits, y), F.cross_entropy(logits, y))
+
+
+def test_classifier_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="needs class_prior"):
+        CaSCLAConfig.small(classifier_loss="weighted_ce")
+    with pytest.raises(ValueError, match="class_prior must hold 7"):
+        CaSCLAConfig.small(class_prior=(0.5, 0.5))
+    with pytest.raises(ValueError, match="classifier_loss must be one of"):
+        CaSCLAConfig.small(classifier_loss="hinge")
+    with pytest.raises(ValueError, match="focal_gamma must be a finite number"):
+        CaSCLAConfig.small(focal_gamma=float("nan"))
+
+
+@pytest.mark.parametrize("loss", ["weighted_ce", "focal", "logit_adjusted"])
+def test_each_classifier_loss_trains_end_to_end(tmp_path, capsys, loss):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "1", "--classifier-loss", loss]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["classifier_loss"] == loss and len(metrics["config"]["class_prior"]) == 7
+    assert np.isfinite(metrics["epochs"][0]["train"]["ce"])
+
+
+# --------------------------------------------------------------------------- decision biases
+def test_fit_decision_bias_finds_a_better_threshold():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 90 + [1] * 10)
+    # class 1 always scores a little below class 0: unbiased argmax never predicts it
+    logp = np.stack([np.zeros(100), np.where(y == 1, -0.5, -2.0) + 0.1 * rng.standard_normal(100)], 1)
+    bias, before, after = fit_decision_bias(logp, y, ["a", "b"], "macro_f1")
+    assert before == pytest.approx((2 * 90 / 190 + 0) / 2)  # all predicted "a": F1 0.947 and 0
+    assert after > 0.95 and bias[1] - bias[0] > 0.5
+    # never worse, and zero where nothing helps
+    bias, before, after = fit_decision_bias(np.log(np.eye(2)[y] * 0.98 + 0.01), y, ["a", "b"], "weighted_f1")
+    assert after == before == 1.0 and not bias.any()
+
+
+def test_decision_biases_are_fitted_on_the_selection_split_and_saved(tmp_path, synthetic):
+    corpus = small_corpus(synthetic)
+    metrics = train(small_config(synthetic), corpus, tmp_path / "run",
+                    TrainSettings(epochs=2, batch_size=4, progress=False, decision_bias="mean_f1"))
+    fitted = metrics["decision_bias"]
+    assert fitted["score"] == "mean_f1" and fitted["selection_after"] >= fitted["selection_before"]
+    model = CaSCLA.load(tmp_path / "run" / "model.pt")
+    assert model.decision_bias.tolist() == pytest.approx(list(fitted["bias"].values()))
+    # the saved model scores on the selection split what the metrics say
+    again = evaluate(model, corpus.split("val"))
+    assert again["weighted_f1"] == pytest.approx(metrics["selection_scores"]["weighted_f1"])
+    assert 0.5 * (again["weighted_f1"] + again["macro_f1"]) == pytest.approx(fitted["selection_after"])
+    with pytest.raises(ValueError, match="decision_bias must be one of"):
+        TrainSettings(decision_bias="accuracy").validate()
+
+
+def test_checkpoints_without_decision_biases_still_load(tmp_path, synthetic):
+    model = CaSCLA(small_config(synthetic), synthetic.label_names)
+    model.save(tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["state_dict"]["decision_bias"]
+    torch.save(state, tmp_path / "old.pt")
+    assert not CaSCLA.load(tmp_path / "old.pt").decision_bias.any()
