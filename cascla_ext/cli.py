@@ -113,7 +113,7 @@ def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import CLASSIFIER_LOSSES
+    from .config import CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
     from .data import DATASETS
     from .train import DECISION_BIAS_SCORES
 
@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model widths: small (synthetic data, tests), base (real data on a CPU) or "
                         "paper (d_m 1024, d_h 300); default: small for synthetic, base otherwise")
     t.add_argument("--modalities", type=_modalities, default=None, help="subset of t,a,v (default: all)")
-    t.add_argument("--no-scla", action="store_true", help="ablation: CE only (no SCLA loss)")
+    t.add_argument("--no-scla", action="store_true", help="ablation: CE only (no SCLA loss; = --contrastive none)")
+    t.add_argument("--contrastive", choices=CONTRASTIVE_LOSSES + ("none",), default=None,
+                   help="the contrastive term: scla (the paper's, default), supcon (Khosla et al.), spcl "
+                        "(an SPCL-style prototype loss) or none")
     t.add_argument("--no-ast", action="store_true", help="ablation: no adversarial samples")
     t.add_argument("--no-causal", action="store_true", help="ablation: no causal-aware interaction")
     t.add_argument("--gamma", type=_nonnegative_float, default=None,
@@ -273,7 +276,8 @@ def _train(args) -> int:
     overrides = dict(
         num_classes=len(corpus.label_names), modalities=modalities,
         input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-        use_scla=not args.no_scla, use_ast=not args.no_ast, use_causal=not args.no_causal,
+        use_scla=not (args.no_scla or args.contrastive == "none"), use_ast=not args.no_ast,
+        use_causal=not args.no_causal,
         ops_backend="reference" if args.reference_ops else "fused",
     )
     if args.gamma is not None:
@@ -282,6 +286,8 @@ def _train(args) -> int:
         overrides["scla_weight"] = args.scla_weight
     if args.scla_normalization is not None:
         overrides["scla_normalization"] = args.scla_normalization
+    if args.contrastive not in (None, "none"):
+        overrides["contrastive"] = args.contrastive
     if args.classifier_loss is not None:
         overrides["classifier_loss"] = args.classifier_loss
     overrides["class_prior"] = corpus.class_prior("train")

@@ -12,6 +12,8 @@ from .data.batch import MODALITIES
 
 #: The classifier losses ``CaSCLAConfig.classifier_loss`` may name.
 CLASSIFIER_LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
+#: The contrastive losses ``CaSCLAConfig.contrastive`` may name.
+CONTRASTIVE_LOSSES = ("scla", "supcon", "spcl")
 
 
 @dataclass
@@ -74,6 +76,12 @@ class CaSCLAConfig:
     dropout: float = 0.1
     # ablations (paper Table 4)
     use_scla: bool = True
+    # Which contrastive loss the use_scla term is (weighted by scla_weight):
+    # "scla" (the paper's), or the alternatives of its Table 5, "supcon"
+    # (Khosla et al.) and "spcl" (an SPCL-style prototype loss), both with
+    # contrastive_temperature. cascla_ext/nn/contrastive.py has their math.
+    contrastive: str = "scla"
+    contrastive_temperature: float = 0.1
     use_ast: bool = True
     use_causal: bool = True
     use_text_augmentation: bool = True
@@ -89,7 +97,8 @@ class CaSCLAConfig:
             raise ValueError(f"CaSCLAConfig: {msg}")
 
         for name in ("eta", "fusion_gain", "epsilon", "alpha", "beta", "gamma", "scla_weight", "dropout",
-                     "label_dropout", "class_weight_power", "focal_gamma", "logit_adjust_tau"):
+                     "label_dropout", "class_weight_power", "focal_gamma", "logit_adjust_tau",
+                     "contrastive_temperature"):
             value = getattr(self, name)
             if value is None and name == "fusion_gain":
                 continue
@@ -131,6 +140,10 @@ class CaSCLAConfig:
         for name in ("epsilon", "alpha", "beta", "gamma", "scla_weight"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.contrastive not in CONTRASTIVE_LOSSES:
+            fail(f"contrastive must be one of {', '.join(CONTRASTIVE_LOSSES)}, got {self.contrastive!r}")
+        if not self.contrastive_temperature > 0:
+            fail(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
         if self.classifier_loss not in CLASSIFIER_LOSSES:
             fail(f"classifier_loss must be one of {', '.join(CLASSIFIER_LOSSES)}, got {self.classifier_loss!r}")
         if self.class_prior is not None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ._io import atomic_torch_save
 from .config import CaSCLAConfig
 from .data.batch import Batch
-from .nn import CausalInteraction, PerturbedGRU, SCLALoss, TensorRingFusion
+from .nn import CausalInteraction, PerturbedGRU, SCLALoss, SPCLLoss, SupConLoss, TensorRingFusion
 
 __all__ = ["CaSCLA", "CaSCLAOutput", "CheckpointError"]
 
@@ -76,7 +76,8 @@ class CaSCLA(nn.Module):
 
     - ``ce``: cross-entropy of the classifier on f (valid utterances);
     - ``scla``: the SCLA loss of f with the textual and adversarial views as
-      extra positives (``use_scla``);
+      extra positives (``use_scla``; with ``contrastive="supcon"`` or
+      ``"spcl"`` the term is that loss instead, under its own name);
     - ``ce_adv``: cross-entropy on the adversarial features f^r (``use_ast``,
       training only).
     """
@@ -113,11 +114,16 @@ class CaSCLA(nn.Module):
             self.register_buffer("log_prior", prior.clamp_min(1e-12).log(), persistent=False)
             w = prior.clamp_min(1e-12) ** -cfg.class_weight_power
             self.register_buffer("class_weights", w / (w * prior).sum(), persistent=False)  # mean 1 under the prior
-        if cfg.use_scla:
-            self.scla = SCLALoss(cfg.num_classes, cfg.d_feature, embedding_dim=cfg.label_embedding_dim,
-                                 dropout=cfg.label_dropout, alpha=cfg.alpha, beta=cfg.beta,
-                                 gamma=cfg.gamma, normalization=cfg.scla_normalization,
-                                 backend=cfg.ops_backend)
+        if cfg.use_scla:  # the contrastive term (attribute name kept for checkpoints)
+            if cfg.contrastive == "scla":
+                self.scla = SCLALoss(cfg.num_classes, cfg.d_feature, embedding_dim=cfg.label_embedding_dim,
+                                     dropout=cfg.label_dropout, alpha=cfg.alpha, beta=cfg.beta,
+                                     gamma=cfg.gamma, normalization=cfg.scla_normalization,
+                                     backend=cfg.ops_backend)
+            elif cfg.contrastive == "supcon":
+                self.scla = SupConLoss(temperature=cfg.contrastive_temperature)
+            else:
+                self.scla = SPCLLoss(cfg.num_classes, cfg.d_feature, temperature=cfg.contrastive_temperature)
 
     # ------------------------------------------------------------------ parts
     def _check_batch(self, batch: Batch) -> None:
@@ -211,14 +217,14 @@ class CaSCLA(nn.Module):
         # The SCLA loss contrasts samples with each other: it needs M >= 2
         # (MELD has one-utterance dialogues, so a batch of one has M = 1). With
         # fewer the batch trains on the cross-entropy terms alone, and
-        # out.losses has no "scla" entry, which the training loop counts.
+        # out.losses has no contrastive entry, which the training loop counts.
         if cfg.use_scla and n_valid >= 2:
             if cfg.use_text_augmentation and training_losses:
                 x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
                 views.insert(0, self._context_to_features(x_text, batch, None))
             f_aug = torch.stack([v[valid] for v in views]) if views else None
-            out.losses["scla"] = self.scla(f[valid], labels[valid], f_aug)
-        weights = {"ce": 1.0, "scla": cfg.scla_weight, "ce_adv": 1.0}
+            out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
+        weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": 1.0}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
         if grad_norms and x.requires_grad:
             for k, v in out.losses.items():

@@ -170,3 +170,87 @@ def scla_loss(
     if reduction == "mean":
         return loss.sum() / M
     return loss
+
+
+# ---------------------------------------------------------------------------
+# Twins of the contrastive losses of cascla_ext.nn.contrastive (the paper's
+# Table 5 baselines): one anchor at a time, as the formulas read.
+
+__all__ += ["supcon_loss", "spcl_loss"]
+
+
+def _multiview_samples(f: Tensor, f_aug: Tensor | None, y: Tensor) -> tuple[list[Tensor], list[int]]:
+    """The samples of the multiview batch, f's rows then each view's, and their labels."""
+    views = [f] + ([] if f_aug is None else [f_aug[p] for p in range(f_aug.shape[0])])
+    samples = [view[i] for view in views for i in range(f.shape[0])]
+    labels = [int(y[i]) for _ in views for i in range(f.shape[0])]
+    return samples, labels
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm().clamp(min=1e-12)
+
+
+def supcon_loss(
+    f: Tensor,
+    f_aug: Tensor | None,
+    y: Tensor,
+    temperature: float = 0.1,
+    normalize: bool = True,
+) -> Tensor:
+    """Reference for :func:`cascla_ext.nn.contrastive.supcon_loss`: Khosla et
+    al.'s L^sup_out, anchor by anchor. Samples: f's rows and every view's;
+    for anchor i, A(i) = every other sample, P(i) = those with i's label;
+    loss_i = -1/|P(i)| sum_p log(exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau));
+    the mean over the anchors with a positive (0 if none)."""
+    samples, labels = _multiview_samples(f, f_aug, y)
+    z = torch.stack([_unit(s) if normalize else s for s in samples]) if samples else f
+    losses = []
+    for i in range(len(z)):
+        s = z @ z[i] / temperature  # s[a] = z_i . z_a / tau
+        others = [a for a in range(len(z)) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue  # no positive: the anchor is left out
+        log_denominator = torch.logsumexp(s[others], 0)
+        log_probs = s[positives] - log_denominator  # log p(p | i) for each positive p
+        losses.append(-log_probs.sum() / len(positives))
+    if not losses:  # 0, with a graph to the features
+        return (f.sum() + (0.0 if f_aug is None else f_aug.sum())) * 0.0
+    return torch.stack(losses).mean()
+
+
+def spcl_loss(
+    f: Tensor,
+    f_aug: Tensor | None,
+    y: Tensor,
+    prototypes: Tensor,
+    temperature: float = 0.1,
+) -> Tensor:
+    """Reference for :func:`cascla_ext.nn.contrastive.spcl_loss`: the
+    SPCL-style prototypical loss, anchor by anchor, at given prototypes (K, d)
+    (a zero row: class k has no prototype). Everything L2-normalised;
+    positives of anchor i: the other samples with its label and its class's
+    prototype; denominator: every other sample and every prototype;
+    loss_i = -log(sum_pos exp(s/tau) / sum_all exp(s/tau)); the mean over the
+    anchors with a positive (0 if none)."""
+    samples, labels = _multiview_samples(f, f_aug, y)
+    z = torch.stack([_unit(s) for s in samples]) if samples else f
+    K = prototypes.shape[0]
+    centres = {k: _unit(prototypes[k]) for k in range(K) if bool((prototypes[k] != 0).any())}
+    losses = []
+    for i in range(len(z)):
+        s = z @ z[i] / temperature  # s[a] = z_i . z_a / tau
+        c = {k: z[i] @ centre / temperature for k, centre in centres.items()}  # s(z_i, c_k)
+        others = [a for a in range(len(z)) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        positive_terms = [s[positives]] + ([c[labels[i]].reshape(1)] if labels[i] in c else [])
+        all_terms = [s[others]] + [c[k].reshape(1) for k in c]
+        if sum(t.numel() for t in positive_terms) == 0:
+            continue  # no positive: the anchor is left out
+        log_positive = torch.logsumexp(torch.cat(positive_terms), 0)
+        log_all = torch.logsumexp(torch.cat(all_terms), 0)
+        losses.append(log_all - log_positive)  # -log(positive share)
+    if not losses:  # 0, with a graph to the features
+        return (f.sum() + (0.0 if f_aug is None else f_aug.sum())) * 0.0
+    return torch.stack(losses).mean()

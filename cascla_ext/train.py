@@ -332,7 +332,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
 
 def _expected_terms(config: CaSCLAConfig) -> set[str]:
     """The loss terms a fully labelled training batch has."""
-    return {"ce"} | ({"scla"} if config.use_scla else set()) | ({"ce_adv"} if config.use_ast else set())
+    return {"ce"} | ({config.contrastive} if config.use_scla else set()) | ({"ce_adv"} if config.use_ast else set())
 
 
 def _mean_std(values: list[float]) -> dict:

@@ -160,3 +160,25 @@ def test_checkpoints_without_decision_biases_still_load(tmp_path, synthetic):
     del state["state_dict"]["decision_bias"]
     torch.save(state, tmp_path / "old.pt")
     assert not CaSCLA.load(tmp_path / "old.pt").decision_bias.any()
+
+
+# --------------------------------------------------------------------------- Table 5's alternative losses
+@pytest.mark.parametrize("kind", ["supcon", "spcl"])
+def test_the_contrastive_term_can_be_supcon_or_spcl(tmp_path, capsys, kind):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "1", "--contrastive", kind]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["contrastive"] == kind and metrics["config"]["use_scla"] is True
+    record = metrics["epochs"][0]
+    assert set(record["train"]) == {"loss", "ce", "ce_adv", kind} and np.isfinite(record["train"][kind])
+    assert set(record["grad_norm"]) == {"ce", "ce_adv", kind} and not record["steps_without"]
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--split", "val", "--quiet"]) == 0
+
+
+def test_contrastive_none_is_the_no_scla_ablation(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "1", "--contrastive", "none"]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["use_scla"] is False and config["contrastive"] == "scla"
+    with pytest.raises(ValueError, match="contrastive must be one of"):
+        CaSCLAConfig.small(contrastive="triplet")
