@@ -57,3 +57,21 @@ def test_bad_arguments_and_no_results_fail_clearly(tmp_path):
     assert r.returncode == 2 and "unknown variants" in r.stderr
     r = _run("--features", "warm", "--doc", tmp_path / "r.md")
     assert r.returncode == 2 and "unknown features or datasets: ['warm']" in r.stderr
+
+
+def test_the_batch_size_study_is_the_papers_table_5(tmp_path):
+    out, doc = tmp_path / "runs", tmp_path / "results.md"
+    _rows(out, "frozen", "meld")
+    rows = {f"{name}, batch {b}": summarise_scores([_scores(0.5 + b / 1000), _scores(0.5 + b / 1000)], LABELS)
+            for name in ("SCLA", "SupCon") for b in (4, 8, 16, 32)}
+    meta = {"seeds": [0, 1], "epochs": 3, "finetune_epochs": None, "torch": "x", "threads": 1,
+            "finished": "2026-01-01 00:00", "label_names": LABELS, "n_val": 10}
+    (out / "frozen" / "meld" / "batch_size.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    r = _run("--doc-only", "--out", out, "--doc", doc)
+    assert r.returncode == 0, r.stderr
+    text = doc.read_text()
+    assert "### Batch size (the paper's Table 5): MELD validation weighted F1, frozen encoder, seeds 0, 1" in text
+    assert "| SCLA | 50.40 ± 0.00 | 50.80 ± 0.00 | 51.60 ± 0.00 | 53.20 ± 0.00 |" in text
+    assert "| SPCL-style | - | - | - | - |" in text  # not run: shown as missing, not invented
+    r = _run("--study", "batch-size", "--variants", "w/o AST", "--doc", tmp_path / "r.md")
+    assert r.returncode == 2 and "unknown variants ['w/o AST']" in r.stderr

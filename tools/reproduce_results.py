@@ -5,6 +5,7 @@ the default text encoder frozen and fine-tuned.
     python tools/reproduce_results.py [--data-root ../shared/data] [--seeds 0,1,2]
         [--epochs 10] [--datasets meld,iemocap] [--features frozen,finetuned]
         [--jobs 2] [--threads 1] [--out runs/results] [--doc docs/results.md]
+    python tools/reproduce_results.py --study batch-size --datasets meld --features frozen  # Table 5
 
 Protocol (the same for every row of a table):
 - a fixed 10% of the training dialogues is set aside first (``holdout``); it
@@ -72,7 +73,14 @@ VARIANTS = {
     "+ decision biases (hold-out)": {"decision_bias": "mean_f1"},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
 }
-SETTINGS_FIELDS = ("decision_bias",)
+#: The paper's Table 5 (``--study batch-size``): the contrastive term at
+#: batch sizes of 4 to 32 dialogues, everything else at the defaults.
+STUDY_SIZES = (4, 8, 16, 32)
+STUDY_LOSSES = {"SCLA": "scla", "SupCon": "supcon", "SPCL-style": "spcl"}
+STUDY = {f"{name}, batch {b}": {"contrastive": loss, "batch_size": b}
+         for name, loss in STUDY_LOSSES.items() for b in STUDY_SIZES}
+ALL_VARIANTS = {**VARIANTS, **STUDY}
+SETTINGS_FIELDS = ("decision_bias", "batch_size")
 BASELINE = "Logistic regression (context-free)"
 FEATURES = ("frozen", "finetuned")
 DATA = {"meld": "meld", "iemocap": "iemocap"}
@@ -99,7 +107,7 @@ def load_corpus(args, ds: str, features: str):
 
 
 def make_config(corpus, variant: str) -> CaSCLAConfig:
-    overrides = {k: v for k, v in VARIANTS[variant].items() if k not in SETTINGS_FIELDS}
+    overrides = {k: v for k, v in ALL_VARIANTS[variant].items() if k not in SETTINGS_FIELDS}
     return CaSCLAConfig.base(num_classes=len(corpus.label_names), modalities=("t",),
                              input_dims={"t": corpus.input_dims["t"]}, clue_dim=corpus.clue_dim,
                              class_prior=corpus.class_prior(), **overrides)
@@ -115,9 +123,8 @@ def run_key(config: CaSCLAConfig, settings: TrainSettings) -> dict:
 
 
 def settings_for(args, ds: str, seed: int, variant: str) -> TrainSettings:
-    extra = {k: v for k, v in VARIANTS[variant].items() if k in SETTINGS_FIELDS}
-    return TrainSettings(epochs=args.epochs, batch_size=BATCH[ds], lr=1e-3, seed=seed, progress=False,
-                         select_split="holdout", **extra)
+    extra = {"batch_size": BATCH[ds], **{k: v for k, v in ALL_VARIANTS[variant].items() if k in SETTINGS_FIELDS}}
+    return TrainSettings(epochs=args.epochs, lr=1e-3, seed=seed, progress=False, select_split="holdout", **extra)
 
 
 def finished(path: Path, key: dict) -> dict | None:
@@ -132,7 +139,7 @@ def worker(args) -> int:
     """One training run (``--worker FEATURES,DATASET,VARIANT_SLUG,SEED``):
     train, score the selected epoch on val, write scores.json last."""
     features, ds, variant_slug, seed = args.worker.split(",")
-    variant = next(v for v in VARIANTS if slug(v) == variant_slug)
+    variant = next(v for v in ALL_VARIANTS if slug(v) == variant_slug)
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args, ds, features)
     config, settings = make_config(corpus, variant), settings_for(args, ds, int(seed), variant)
@@ -187,7 +194,7 @@ def logistic_regression(corpus, seeds) -> dict:
     return summarise_scores([r["scores"] for r in runs], corpus.label_names) | {"runs": runs}
 
 
-def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str]) -> None:
+def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str], study: bool = False) -> None:
     """Every row of one table: features (and the fine-tune) once here, the
     training runs in worker processes, then rows.json."""
     t0 = time.perf_counter()
@@ -228,12 +235,15 @@ def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str])
         rows[variant] = summarise_scores([d["val"] for d in done], corpus.label_names) | {
             "best_epochs": [d["best_epoch"] for d in done], "seconds": [d["seconds"] for d in done]}
         print(f"{features} {ds} {variant}: val weighted F1 {fmt(rows[variant]['weighted_f1'])}", flush=True)
-    rows[BASELINE] = logistic_regression(corpus, seeds)
-    print(f"{features} {ds} {BASELINE}: {fmt(rows[BASELINE]['weighted_f1'])}", flush=True)
+    if not study:
+        rows[BASELINE] = logistic_regression(corpus, seeds)
+        print(f"{features} {ds} {BASELINE}: {fmt(rows[BASELINE]['weighted_f1'])}", flush=True)
     meta = {"seeds": seeds, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs if features == "finetuned"
             else None, "torch": torch.__version__, "threads": args.threads, "finished": time.strftime("%Y-%m-%d %H:%M"),
-            "feature_seconds": feat_s, "label_names": corpus.label_names, "n_val": rows[BASELINE]["n"]}
-    atomic_write_json({"meta": meta, "rows": rows}, Path(args.out) / features / ds / "rows.json")
+            "feature_seconds": feat_s, "label_names": corpus.label_names,
+            "n_val": next(iter(rows.values()))["n"]}
+    atomic_write_json({"meta": meta, "rows": rows},
+                      Path(args.out) / features / ds / ("batch_size.json" if study else "rows.json"))
 
 
 def fmt(stat) -> str:
@@ -247,6 +257,21 @@ def table(title: str, rows: dict, label_names: list[str]) -> str:
         cells = [fmt(s["weighted_f1"]), fmt(s["macro_f1"]), fmt(s["accuracy"])]
         cells += [f"{100 * s['per_class_f1'][k]['mean']:.1f}" for k in label_names]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def study_table(found: dict, features: str, ds: str) -> str:
+    """The batch-size study as the paper's Table 5: a row per loss, a column per batch size."""
+    meta, rows = found["meta"], found["rows"]
+    lines = [f"### Batch size (the paper's Table 5): {'MELD' if ds == 'meld' else 'IEMOCAP'} validation weighted F1, "
+             f"{'frozen' if features == 'frozen' else 'fine-tuned'} encoder, seeds "
+             f"{', '.join(map(str, meta['seeds']))}", "",
+             "| contrastive term | " + " | ".join(f"batch {b}" for b in STUDY_SIZES) + " |",
+             "|" + " --- |" * (1 + len(STUDY_SIZES))]
+    for name in STUDY_LOSSES:
+        cells = [fmt(rows[f"{name}, batch {b}"]["weighted_f1"]) if f"{name}, batch {b}" in rows else "-"
+                 for b in STUDY_SIZES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -288,6 +313,11 @@ def write_doc(args) -> None:
         title = (f"### {'MELD' if ds == 'meld' else 'IEMOCAP'} validation ({meta['n_val']} utterances), "
                  f"{how}, seeds {', '.join(map(str, meta['seeds']))}")
         doc += [table(title, r["rows"], meta["label_names"]), ""]
+    for features in FEATURES:
+        for ds in DATA:
+            path = Path(args.out) / features / ds / "batch_size.json"
+            if path.is_file():
+                doc += [study_table(json.loads(path.read_text()), features, ds), ""]
     doc_path = Path(args.doc)
     if doc_path.is_file() and "\n## Discussion" in doc_path.read_text():  # keep the hand-written part
         doc += ["## Discussion" + doc_path.read_text().split("\n## Discussion", 1)[1].rstrip("\n")]
@@ -303,7 +333,11 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated subset of the rows")
+    p.add_argument("--variants", default=None,
+                   help="semicolon-separated subset of the rows (default: all of the tables', or of the study's)")
+    p.add_argument("--study", choices=("batch-size",), default=None,
+                   help="batch-size: the paper's Table 5 (SCLA, SupCon and SPCL-style at batches of 4-32) "
+                        "instead of the main tables")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--fresh", action="store_true", help="retrain runs that finished before with the same settings")
@@ -319,10 +353,11 @@ def main() -> int:
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     seeds = [int(s) for s in args.seeds.split(",")]
-    wanted = [v.strip() for v in args.variants.split(";")]
-    unknown = [v for v in wanted if v not in VARIANTS]
+    known = STUDY if args.study else VARIANTS
+    wanted = [v.strip() for v in args.variants.split(";")] if args.variants else list(known)
+    unknown = [v for v in wanted if v not in known]
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        p.error(f"unknown variants {unknown}; known: {list(known)}")
     kinds = [f.strip() for f in args.features.split(",")]
     bad = [f for f in kinds if f not in FEATURES] + [d for d in args.datasets.split(",") if d not in DATA]
     if bad:
@@ -330,7 +365,7 @@ def main() -> int:
     if not args.doc_only:
         for features in kinds:
             for ds in args.datasets.split(","):
-                run_group(args, features, ds, seeds, wanted)
+                run_group(args, features, ds, seeds, wanted, study=args.study is not None)
     write_doc(args)
     return 0
 
