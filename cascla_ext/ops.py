@@ -53,11 +53,15 @@ def perturbed_gru(
         ``(y, h_n)``: y (T, B, H) the state after each valid step, 0 at padded
         steps; h_n (B, H) the state after the last step visited (h0 where the
         length is 0). Gradients flow to x, h0, the weights, the biases and rho.
-        With rho = 0 it equals ``torch.nn.GRU``.
+        With rho = 0 it equals ``torch.nn.GRU``. Under ``torch.autocast`` it
+        computes in float32 and returns y and h_n in the autocast dtype.
     """
     y, h_n, _ = torch.ops.cascla_ext.perturbed_gru.default(
         x, h0, w_ih, w_hh, b_ih, b_hh, rho, _as_lengths(lengths), bool(reverse)
     )
+    low = _autocast_dtype(x)
+    if low is not None and y.dtype == torch.float32:  # as autocast runs nn.GRU
+        y, h_n = y.to(low), h_n.to(low)
     return y, h_n
 
 
@@ -309,3 +313,31 @@ torch.library.register_autograd(
     "cascla_ext::scla_loss", _scla_loss_backward, setup_context=_scla_loss_setup_context
 )
 _no_double_backward("cascla_ext::scla_loss_backward")
+
+
+# --------------------------------------------------------------------------
+# Mixed precision (torch.autocast)
+#
+# Under autocast, float16/bfloat16 inputs (and float32 ones: autocast would
+# otherwise hand the kernels' internal GEMMs half-precision operands) are cast
+# to float32 and each op runs with autocast off, so every product accumulates
+# in float32 and nothing is re-cast behind the kernels' back; float64 is left
+# alone. The outputs come back in float32: the losses and the tr_attention
+# softmax as autocast keeps cross_entropy and softmax, and ``perturbed_gru``'s
+# entry point casts y and h_n to the autocast dtype, as autocast runs nn.GRU.
+# The backward ops get the same rule (a backward called inside the region).
+
+_AUTOCAST_OPS = ("perturbed_gru", "perturbed_gru_backward", "tr_attention", "tr_attention_backward",
+                 "scla_loss", "scla_loss_backward")
+for _device_type in ("cpu", "cuda"):
+    if torch.amp.is_autocast_available(_device_type):
+        for _name in _AUTOCAST_OPS:
+            torch.library.register_autocast(f"cascla_ext::{_name}", _device_type, torch.float32)
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype an enabled autocast region on t's device computes in, else None."""
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
