@@ -25,8 +25,39 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line instead of usage + message
         raise CLIError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help names every default: '(default: X)' after each option that has
+    one (options whose default depends on others say so in their own text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("(default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or isinstance(action, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Version(argparse.Action):
+    """--version: the package, the torch it runs with, and whether CUDA kernels are in (imported only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import cascla_ext
+
+        info = cascla_ext.build_info()
+        print(f"cascla-ext {cascla_ext.__version__} (torch {info['running_torch_version']}; built against "
+              f"torch {info['torch_version']}; CUDA kernels: {'yes' if info['cuda'] else 'no'})")
+        parser.exit()
 
 
 def _positive_int(text: str) -> int:
@@ -109,7 +140,7 @@ def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None
     if for_training:
         g.add_argument("--finetune-encoder", action="store_true",
                        help="fine-tune the encoder on the training split's labels before extracting")
-        g.add_argument("--finetune-epochs", type=_positive_int, default=1)
+        g.add_argument("--finetune-epochs", type=_positive_int, default=1, help="epochs of encoder fine-tuning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,16 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="cascla", description="Train and evaluate CaSCLA (multimodal emotion "
                      "recognition in conversation).")
+    parser.add_argument("--version", action=_Version, help="print the version and build, then exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,evaluate,predict}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a model, select the best epoch on validation")
-    t.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    t.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                   help="the built-in synthetic corpus, or a reader for files in --data-dir")
     t.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
     t.add_argument("--out", required=True, help="run directory: model.pt and metrics.json go here")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run that --out already holds (default: refuse)")
-    t.add_argument("--epochs", type=_positive_int, default=20)
+    t.add_argument("--epochs", type=_positive_int, default=20, help="training epochs")
     t.add_argument("--seed", type=int, default=0, help="seed of the model and the batch order")
     t.add_argument("--seeds", type=_seeds, default=None,
                    help="several seeds, e.g. 0,1,2: one run each in RUN_DIR/seed_<s>/, and "
@@ -172,24 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_args(t, for_training=True)
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="a model.pt written by cascla train")
     e.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: the dataset the checkpoint was trained on")
     e.add_argument("--data-dir", default=None, help="default: the folder the checkpoint was trained on")
-    e.add_argument("--data-seed", type=int, default=None)
-    e.add_argument("--split", choices=("train", "val", "test"), default="test")
-    e.add_argument("--batch-size", type=_positive_int, default=32)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the synthetic corpus (default: the checkpoint's)")
+    e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split to score")
+    e.add_argument("--batch-size", type=_positive_int, default=32, help="dialogues per batch")
+    e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix as a PNG")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_feature_args(e, for_training=False)
 
     p = sub.add_parser("predict", help="predict the emotion of every utterance in a JSON Lines file")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by cascla train")
     p.add_argument("--input", required=True, help="dialogues in JSON Lines (docs/data-formats.md)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="dialogues per batch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per utterance instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -77,3 +77,21 @@ def test_out_must_be_a_directory(tmp_path):
     f.write_text("x")
     proc = run_cli("train", "--out", str(f), "--epochs", "1", "--quiet")
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+def test_version_and_help_name_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cascla-ext ") and "torch" in out and "CUDA kernels" in out
+    from cascla_ext.cli import build_parser
+
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert action.help, f"{name} {action.option_strings} has no help"
+                assert f"(default: {action.default})" in text or "(default" in action.help, \
+                    f"{name} {action.option_strings}: default {action.default!r} not shown"
