@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ._io import atomic_write_json
+from ._io import atomic_write, atomic_write_json
 from .config import CaSCLAConfig
 from .data import Corpus, Dialogue, collate
 from .metrics import scores
@@ -22,6 +22,56 @@ from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "TrainSettings", "TrainingDiverged", "evaluate", "fit_decision_bias",
            "predict_dialogues", "seed_everything", "summarise_scores", "train", "train_seeds"]
+
+
+def progress_bar(iterable, *, enabled: bool, **kwargs):
+    """A tqdm bar over ``iterable`` where one helps: enabled, stderr a terminal
+    (a log file gets the per-epoch lines instead of carriage returns), and
+    tqdm installed. Otherwise the iterable itself."""
+    if not (enabled and sys.stderr.isatty()):
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def _log(message: str, bar=None) -> None:
+    """One line on stderr (above the progress bar when there is one)."""
+    if hasattr(bar, "write"):
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def epoch_line(record: dict, epochs: int, best_epoch: int, best: float, select_split: str) -> str:
+    """The per-epoch log line: training losses by term, the selection split's
+    weighted and macro F1, the best so far, and the time."""
+    train = record["train"]
+    terms = ", ".join(f"{k} {v:.3f}" for k, v in train.items() if k != "loss")
+    loss = f"loss {train['loss']:.3f} ({terms})" if "loss" in train else "no labelled batch"
+    val = record["val"]
+    seconds = record["train_seconds"] + record["eval_seconds"]
+    return (f"epoch {record['epoch']}/{epochs}: {loss}; {select_split} weighted F1 {100 * val['weighted_f1']:.2f}, "
+            f"macro F1 {100 * val['macro_f1']:.2f}; best {100 * best:.2f} (epoch {best_epoch}); {seconds:.1f} s")
+
+
+#: The columns of metrics.csv, one row per epoch (per-class F1 stays in metrics.json).
+CSV_COLUMNS = ("epoch", "loss", "ce", "scla", "supcon", "spcl", "ce_adv", "val_weighted_f1", "val_macro_f1",
+               "val_accuracy", "train_seconds", "eval_seconds")
+
+
+def metrics_csv(epochs: list[dict]) -> str:
+    """metrics.json's epochs as CSV (empty cells where a term is absent)."""
+    lines = [",".join(CSV_COLUMNS)]
+    for r in epochs:
+        row = {"epoch": r["epoch"], **r["train"], **{f"val_{k}": r["val"][k] for k in
+                                                    ("weighted_f1", "macro_f1", "accuracy")},
+               "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"]}
+        lines.append(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
+                                                             else str(row[c])) for c in CSV_COLUMNS))
+    return "\n".join(lines) + "\n"
 
 
 #: What TrainSettings.decision_bias may maximise on the selection split.
@@ -140,8 +190,8 @@ def predict_dialogues(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: 
     model.eval()
     out = []
     it = batches(dialogues, batch_size, model.config.modalities)
-    for batch in tqdm(it, total=(len(dialogues) + batch_size - 1) // batch_size, desc="predict",
-                      disable=not progress, leave=False):
+    for batch in progress_bar(it, enabled=progress, total=(len(dialogues) + batch_size - 1) // batch_size,
+                              desc="predict", leave=False):
         probs = model.predict(batch.to(device)).cpu().numpy()
         for b, n in enumerate(batch.lengths.tolist()):
             out.append(probs[b, :n])
@@ -222,9 +272,10 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
 
     def write_metrics() -> None:
         metrics["total_seconds"] = time.perf_counter() - start
+        atomic_write(out_dir / "metrics.csv", lambda fh: fh.write(metrics_csv(metrics["epochs"])))
         atomic_write_json(metrics, out_dir / "metrics.json")
 
-    epoch_bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=not settings.progress)
+    epoch_bar = progress_bar(range(1, settings.epochs + 1), enabled=settings.progress, desc="epochs")
     try:
         for epoch in epoch_bar:
             model.train()
@@ -233,9 +284,9 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             counts: dict[str, int] = {}
             without: dict[str, int] = {}
             step = 0
-            step_bar = tqdm(batches(train_set, settings.batch_size, config.modalities, True, generator),
-                            total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
-                            disable=not settings.progress)
+            step_bar = progress_bar(batches(train_set, settings.batch_size, config.modalities, True, generator),
+                                    enabled=settings.progress, total=steps_per_epoch, desc=f"epoch {epoch}",
+                                    leave=False)
             # The gradient norm of each term at the shared features, on about
             # eight steps an epoch (an extra backward per term on those steps).
             every = max(1, steps_per_epoch // 8)
@@ -264,7 +315,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
-                step_bar.set_postfix(loss=f"{values['loss']:.3f}")
+                if hasattr(step_bar, "set_postfix"):
+                    step_bar.set_postfix(loss=f"{values['loss']:.3f}")
             bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
             if bad:
                 raise TrainingDiverged(f"training diverged in epoch {epoch}: the weights {bad[0]}"
@@ -293,8 +345,9 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
                            data=data_info)
                 saved = {"epoch": epoch, "val_weighted_f1": val["weighted_f1"]}
-            epoch_bar.set_postfix(val_wf1=f"{val['weighted_f1']:.3f}",
-                                  best=f"{metrics['best_val_weighted_f1']:.3f}")
+            if settings.progress:
+                _log(epoch_line(record, settings.epochs, metrics["best_epoch"], metrics["best_val_weighted_f1"],
+                                settings.select_split), epoch_bar)
             write_metrics()
         if settings.decision_bias != "none" and saved:
             # Refit the biases of the selected epoch's model on the selection split.

@@ -95,3 +95,23 @@ def test_version_and_help_name_every_default(capsys):
                 assert action.help, f"{name} {action.option_strings} has no help"
                 assert f"(default: {action.default})" in text or "(default" in action.help, \
                     f"{name} {action.option_strings}: default {action.default!r} not shown"
+
+
+def test_one_log_line_per_epoch_and_a_csv(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "2", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # stderr is not a terminal here: no progress bars
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and lines[1].startswith("epoch 2/2: ")
+    assert "ce " in lines[0] and "scla " in lines[0] and "val weighted F1" in lines[0] and "best" in lines[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 3 and header[:3] == ["epoch", "loss", "ce"]
+    first = dict(zip(header, rows[1].split(",")))
+    assert float(first["val_weighted_f1"]) == pytest.approx(metrics["epochs"][0]["val"]["weighted_f1"], rel=1e-5)
+    assert float(first["scla"]) == pytest.approx(metrics["epochs"][0]["train"]["scla"], rel=1e-5)
+    assert first["supcon"] == ""  # a term this run does not have
+    assert main(["train", "--out", str(tmp_path / "quiet"), "--epochs", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
