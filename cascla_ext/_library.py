@@ -53,10 +53,30 @@ def load() -> Path:
     try:
         torch.ops.load_library(str(path))
     except OSError as err:
-        info = build_info_module(path)
-        built = info.TORCH_VERSION if info else "an unknown torch"
-        raise ImportError(
-            f"cascla_ext: could not load {path} ({err}). It was built against torch {built}; "
-            f"this is torch {torch.__version__}. Rebuild with `pip install --no-build-isolation .`"
-        ) from err
+        raise ImportError(load_error_message(path, err)) from err
     return path
+
+
+def load_error_message(path: Path, err: BaseException) -> str:
+    """Why the library did not load: the loader's own message, then what it was
+    built against when that is not the running torch (the usual cause)."""
+    info = build_info_module(path)
+    built = info.TORCH_VERSION if info else None
+    message = f"cascla_ext: could not load {path}: {loader_message(err)}"
+    if built is None:
+        return (f"{message}. Its build record (_build_info.py) is missing; rebuild against this torch "
+                f"({torch.__version__}) with `pip install --no-build-isolation .`")
+    if built != torch.__version__:
+        return (f"{message}. It was built against torch {built}, this is torch {torch.__version__}: "
+                f"install torch=={built.split('+')[0]} or rebuild against this torch with "
+                "`pip install --no-build-isolation .`")
+    return f"{message} (it was built against this torch, {built})"
+
+
+def loader_message(err: BaseException) -> str:
+    """The dynamic loader's own words (``undefined symbol: ...``, ``file too
+    short``): torch.ops.load_library replaces them with "Could not load this
+    library" and keeps the original as the cause."""
+    while err.__cause__ is not None and err.__cause__ is not err:
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__

@@ -71,8 +71,9 @@ def plot_confusion(result: dict, path: str, title: str = "") -> None:
     the cells. Written atomically."""
     import io
 
-    import matplotlib
+    from ._extras import require
 
+    matplotlib = require("matplotlib", "plotting the confusion matrix (--plot)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

