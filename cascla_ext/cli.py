@@ -90,6 +90,13 @@ _positive_float = _finite_number(0, inclusive=False)
 _nonnegative_float = _finite_number(0, inclusive=True)
 
 
+def _fraction(text: str) -> float:
+    value = _nonnegative_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _modalities(text: str) -> tuple[str, ...]:
     names = {"t": "t", "text": "t", "a": "a", "audio": "a", "v": "v", "visual": "v"}
     out = []
@@ -176,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate (default: 1e-3 with the small and base presets, the "
                         "paper's 1e-4 with the paper preset)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: 1 on the CPU - these models' steps are too small to gain from "
+                        "more, and with other work on the cores more threads cost 30-50x; README - and "
+                        "torch's own choice on a GPU)")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast the forward to bf16 or fp16 (fp16 with a gradient scaler); the fused ops "
+                        "accumulate in float32")
+    t.add_argument("--patience", type=_positive_int, default=None,
+                   help="stop when the selection split's weighted F1 has not improved for N epochs "
+                        "(default: train all --epochs)")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="Adam's L2 weight decay")
+    t.add_argument("--grad-clip", type=_nonnegative_float, default=5.0,
+                   help="clip the gradient's L2 norm to this (0: no clipping)")
+    t.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning-rate schedule over all steps, after the warm-up")
+    t.add_argument("--warmup-ratio", type=_fraction, default=0.0,
+                   help="fraction of the steps with a linear learning-rate warm-up")
+    t.add_argument("--log", choices=("none", "tensorboard"), default="none",
+                   help="also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboard); "
+                        "metrics.json and metrics.csv are always written")
     t.add_argument("--preset", choices=PRESETS, default=None,
                    help="model widths: small (synthetic data, tests), base (real data on a CPU) or "
                         "paper (d_m 1024, d_h 300); default: small for synthetic, base otherwise")
@@ -185,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the contrastive term: scla (the paper's, default), supcon (Khosla et al.), spcl "
                         "(an SPCL-style prototype loss) or none")
     t.add_argument("--no-ast", action="store_true", help="ablation: no adversarial samples")
+    t.add_argument("--epsilon", type=_nonnegative_float, default=None,
+                   help="norm of the adversarial gate perturbation (default 1.0)")
+    t.add_argument("--ast-norm", choices=("dialogue", "utterance"), default=None,
+                   help="epsilon per dialogue and GRU direction (the paper's, default) or per utterance")
+    t.add_argument("--ast-weight", type=_nonnegative_float, default=None,
+                   help="weight of the adversarial cross-entropy in the objective (default 1, the paper's)")
     t.add_argument("--no-causal", action="store_true", help="ablation: no causal-aware interaction")
     t.add_argument("--gamma", type=_nonnegative_float, default=None,
                    help="SCLA class-weight exponent (paper: 0.5, 1.0 or 1.5)")
@@ -320,6 +353,9 @@ def _train(args) -> int:
         overrides["scla_weight"] = args.scla_weight
     if args.scla_normalization is not None:
         overrides["scla_normalization"] = args.scla_normalization
+    for name in ("epsilon", "ast_norm", "ast_weight"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.contrastive not in (None, "none"):
         overrides["contrastive"] = args.contrastive
     if args.classifier_loss is not None:
@@ -327,9 +363,13 @@ def _train(args) -> int:
     overrides["class_prior"] = corpus.class_prior("train")
     config = getattr(CaSCLAConfig, preset)(**overrides) if preset != "paper" else CaSCLAConfig(**overrides)
     lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
+    threads = args.threads or (1 if args.device == "cpu" else None)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
                              device=args.device, progress=not args.quiet, select_split=args.select_on,
-                             decision_bias=args.decision_bias)
+                             decision_bias=args.decision_bias, patience=args.patience,
+                             weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
+                             schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
+                             threads=threads, tensorboard=args.log == "tensorboard")
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                  "features": options.to_dict(), "reader_options": reader_options, "preset": preset,

@@ -47,8 +47,14 @@ class CaSCLAConfig:
     # context (Eq. 7) and causal interaction (Eqs. 8-9)
     d_hidden: int = 300          # d_h, per GRU direction
     d_feature: int = 600         # d, the width of f_i (and of the label embeddings)
-    # adversarial samples (Eqs. 19-20)
+    # adversarial samples (Eqs. 19-20): rho = epsilon * g / ||g||, the norm
+    # over each dialogue and GRU direction (ast_norm "dialogue", the paper's
+    # reading) or over each utterance's gate pre-activations ("utterance": the
+    # same strength per utterance however long the dialogue); ast_weight is
+    # the weight of the adversarial cross-entropy in Eq. 21 (paper: 1).
     epsilon: float = 1.0
+    ast_norm: str = "dialogue"
+    ast_weight: float = 1.0
     # SCLA (Eqs. 10-18) and the objective (Eq. 21)
     alpha: float = 2.0
     beta: float = 0.5
@@ -98,7 +104,7 @@ class CaSCLAConfig:
 
         for name in ("eta", "fusion_gain", "epsilon", "alpha", "beta", "gamma", "scla_weight", "dropout",
                      "label_dropout", "class_weight_power", "focal_gamma", "logit_adjust_tau",
-                     "contrastive_temperature"):
+                     "contrastive_temperature", "ast_weight"):
             value = getattr(self, name)
             if value is None and name == "fusion_gain":
                 continue
@@ -140,6 +146,10 @@ class CaSCLAConfig:
         for name in ("epsilon", "alpha", "beta", "gamma", "scla_weight"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ast_norm not in ("dialogue", "utterance"):
+            fail(f"ast_norm must be 'dialogue' or 'utterance', got {self.ast_norm!r}")
+        if self.ast_weight < 0:
+            fail(f"ast_weight must be >= 0, got {self.ast_weight}")
         if self.contrastive not in CONTRASTIVE_LOSSES:
             fail(f"contrastive must be one of {', '.join(CONTRASTIVE_LOSSES)}, got {self.contrastive!r}")
         if not self.contrastive_temperature > 0:

@@ -208,7 +208,10 @@ class CaSCLA(nn.Module):
             grads = torch.autograd.grad(ce, rho, retain_graph=True)
             rho_adv = []
             for g in grads:
-                norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+                if cfg.ast_norm == "utterance":  # epsilon per utterance (B, T, 1): long dialogues alike
+                    norm = g.norm(dim=2, keepdim=True).clamp_min(1e-12)
+                else:  # the paper's: epsilon per dialogue and direction
+                    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
                 rho_adv.append((cfg.epsilon * g / norm).detach())
             out.perturbation = rho_adv
             f_adv = self._context_to_features(x, batch, rho_adv)
@@ -224,7 +227,7 @@ class CaSCLA(nn.Module):
                 views.insert(0, self._context_to_features(x_text, batch, None))
             f_aug = torch.stack([v[valid] for v in views]) if views else None
             out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
-        weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": 1.0}
+        weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
         if grad_norms and x.requires_grad:
             for k, v in out.losses.items():

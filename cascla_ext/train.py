@@ -74,6 +74,31 @@ def metrics_csv(epochs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Learning-rate schedules and precisions TrainSettings accepts.
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    """A per-step LR scheduler from PyTorch's: linear warm-up from 1/(warmup+1)
+    of the rate over ``warmup_ratio`` of the steps, then constant, linear
+    decay to 0 or cosine decay to 0 over the rest."""
+    from torch.optim import lr_scheduler as S
+
+    warmup = math.ceil(warmup_ratio * total_steps)
+    rest = max(1, total_steps - warmup)
+    if schedule == "constant":
+        after = S.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif schedule == "linear":
+        after = S.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=rest)
+    else:
+        after = S.CosineAnnealingLR(optimizer, T_max=rest, eta_min=0.0)
+    if not warmup:
+        return after
+    ramp = S.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return S.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
 #: What TrainSettings.decision_bias may maximise on the selection split.
 DECISION_BIAS_SCORES = ("none", "weighted_f1", "macro_f1", "mean_f1")
 
@@ -136,6 +161,21 @@ class TrainSettings:
     # (fit_decision_bias): "none", or the score they maximise there:
     # "weighted_f1", "macro_f1" or "mean_f1" (the mean of the two).
     decision_bias: str = "none"
+    # Stop when the selection split's weighted F1 has not improved for this
+    # many epochs (None: train all epochs; epochs stays the maximum).
+    patience: int | None = None
+    # Learning-rate schedule over all steps (PyTorch's schedulers): "constant",
+    # "linear" (decay to 0) or "cosine" (to 0), after a linear warm-up over
+    # warmup_ratio of the steps.
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    # "fp32", or autocast to "bf16" / "fp16" (fp16 with a gradient scaler);
+    # the fused ops accumulate in float32 either way.
+    precision: str = "fp32"
+    # torch threads for the run (None: leave torch's setting).
+    threads: int | None = None
+    # Also write TensorBoard event files to <run>/tensorboard (needs tensorboard).
+    tensorboard: bool = False
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
@@ -157,6 +197,16 @@ class TrainSettings:
             raise ValueError("the best epoch is never selected on the test split")
         if self.decision_bias not in DECISION_BIAS_SCORES:
             fail(f"decision_bias must be one of {', '.join(DECISION_BIAS_SCORES)}, got {self.decision_bias!r}")
+        for name in ("patience", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(f"{name} must be a positive integer or None, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            fail(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            fail(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.precision not in PRECISIONS:
+            fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -247,9 +297,14 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
 
 
 def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set) -> dict:
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)
     model = CaSCLA(config, corpus.label_names).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    amp_dtype = PRECISIONS[settings.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    board = _tensorboard(out_dir) if settings.tensorboard else None
     generator = torch.Generator().manual_seed(settings.seed)
     data_info = data_info or {"dataset": corpus.name}
     metrics = {
@@ -267,6 +322,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         "checkpoint": None,
     }
     steps_per_epoch = (len(train_set) + settings.batch_size - 1) // settings.batch_size
+    scheduler = make_scheduler(optimizer, settings.schedule, settings.epochs * steps_per_epoch,
+                               settings.warmup_ratio)
     start = time.perf_counter()
     saved: dict | None = None  # the checkpoint on disk: {"file", "epoch", "val_weighted_f1"}
 
@@ -293,7 +350,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             norms: dict[str, list[float]] = {}
             for step, batch in enumerate(step_bar, start=1):
                 batch = batch.to(device)
-                out = model(batch, grad_norms=(step - 1) % every == 0)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = model(batch, grad_norms=(step - 1) % every == 0)
                 for k, v in out.grad_norms.items():
                     norms.setdefault(k, []).append(v)
                 expected = _expected_terms(config)
@@ -307,11 +365,15 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                     _check_finite(f"the {k} loss" if k != "loss" else "the total loss", v, epoch, step,
                                   steps_per_epoch)
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                scaler.scale(out.loss).backward()
                 if settings.grad_clip:
+                    scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                    _check_finite("the gradient norm", float(norm), epoch, step, steps_per_epoch)
-                optimizer.step()
+                    if not scaler.is_enabled():  # with fp16 the scaler skips steps with inf gradients
+                        _check_finite("the gradient norm", float(norm), epoch, step, steps_per_epoch)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
@@ -326,6 +388,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             val = evaluate(model, val_set, settings.batch_size, device)
             record = {
                 "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
                 "train": {k: v / counts[k] for k, v in sums.items()},
                 "steps": step,
                 "steps_without": without,
@@ -348,7 +411,20 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             if settings.progress:
                 _log(epoch_line(record, settings.epochs, metrics["best_epoch"], metrics["best_val_weighted_f1"],
                                 settings.select_split), epoch_bar)
+            if board is not None:
+                for k, v in {**{f"train/{k}": v for k, v in record["train"].items()},
+                             **{f"{settings.select_split}/{k}": record["val"][k]
+                                for k in ("weighted_f1", "macro_f1", "accuracy")},
+                             **{f"grad_norm/{k}": v for k, v in record["grad_norm"].items()}}.items():
+                    board.add_scalar(k, v, epoch)
+                board.flush()
             write_metrics()
+            if settings.patience is not None and epoch - metrics["best_epoch"] >= settings.patience:
+                metrics["stopped_early"] = epoch  # no better selection score for `patience` epochs
+                if settings.progress:
+                    _log(f"stopping early after epoch {epoch}: no better {settings.select_split} weighted F1 "
+                         f"for {settings.patience} epochs", epoch_bar)
+                break
         if settings.decision_bias != "none" and saved:
             # Refit the biases of the selected epoch's model on the selection split.
             model = CaSCLA.load(out_dir / "model.pt").to(device)
@@ -378,9 +454,21 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         except OSError:
             pass  # the original error matters more (e.g. a full disk)
         raise
+    finally:
+        if board is not None:
+            board.close()
     metrics["status"] = "finished"
     write_metrics()
     return metrics
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer for <run>/tensorboard, or one clear error if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def _expected_terms(config: CaSCLAConfig) -> set[str]:

@@ -45,13 +45,6 @@ def read_finetune_marker(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` (never 0 on a taken step)."""
-    up = (step + 1) / max(warmup, 1)
-    down = (total - step) / max(total - warmup, 1)
-    return min(1.0, up, down)
-
-
 def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequence[int], num_labels: int,
                      out_dir: str | os.PathLike, *, epochs: int = 1, lr: float = 2e-5, batch_size: int = 32,
                      max_steps: int | None = None, seed: int = 0, progress: bool = True,
@@ -114,7 +107,7 @@ def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequenc
         raise FileExistsError(f"finetune_encoder: {out_dir} {what}; refusing to overwrite it "
                               "(remove it or choose another folder)")
 
-    from transformers import AutoModel
+    from transformers import AutoModel, get_linear_schedule_with_warmup
 
     device = encoder.device
     n = len(texts)
@@ -142,7 +135,7 @@ def finetune_encoder(encoder: TextEncoder, texts: Sequence[str], labels: Sequenc
             {"params": no_decay, "lr": lr, "weight_decay": 0.0},
             {"params": head.parameters(), "lr": head_lr, "weight_decay": 0.0},
         ])
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, total, warmup))
+        sched = get_linear_schedule_with_warmup(optim, warmup, total)
         gen = torch.Generator().manual_seed(seed)
         with tqdm(total=total, desc="fine-tune", unit="step", disable=not progress) as bar:
             step = 0

@@ -1,0 +1,129 @@
+"""Training the way researchers train (issue 15): early stopping, learning-rate
+schedules from PyTorch's schedulers, mixed precision, threads, TensorBoard;
+and the adversarial-training options (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cascla_ext import CaSCLA, collate
+from cascla_ext.cli import main
+from cascla_ext.data import Corpus
+from cascla_ext.train import TrainSettings, make_scheduler, train
+from conftest import small_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_corpus(corpus, n_train=12, n_val=6) -> Corpus:
+    splits = {"train": corpus.split("train")[:n_train], "val": corpus.split("val")[:n_val], "test": []}
+    return Corpus(corpus.name, splits, corpus.label_names, corpus.input_dims, corpus.clue_dim)
+
+
+def lrs(schedule: str, total: int, warmup_ratio: float) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(opt, schedule, total, warmup_ratio)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules():
+    assert lrs("constant", 5, 0.0) == [1.0] * 5
+    linear = lrs("linear", 10, 0.0)
+    assert linear[0] == pytest.approx(1.0) and linear[5] == pytest.approx(0.5) and linear[-1] == pytest.approx(0.1)
+    cosine = lrs("cosine", 10, 0.0)
+    assert cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.5) and 0 < cosine[-1] < 0.05
+    warm = lrs("linear", 10, 0.2)  # 2 warm-up steps from 1/3, then linear decay over 8
+    assert warm[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and warm[-1] == pytest.approx(1 / 8)
+    assert all(b <= a + 1e-12 for a, b in zip(warm[2:], warm[3:]))
+
+
+def test_settings_are_checked():
+    for field, value in (("patience", 0), ("schedule", "step"), ("warmup_ratio", 1.0), ("precision", "fp8"),
+                         ("threads", 0)):
+        with pytest.raises(ValueError, match=f"TrainSettings: {field} must"):
+            TrainSettings(**{field: value}).validate()
+
+
+def test_patience_stops_early(tmp_path, synthetic, monkeypatch):
+    # the selection score never improves after epoch 1
+    monkeypatch.setattr("cascla_ext.train.evaluate", lambda *a, **k: {
+        "weighted_f1": 0.5, "macro_f1": 0.3, "accuracy": 0.5, "per_class_f1": {}, "n": 1})
+    metrics = train(small_config(synthetic), small_corpus(synthetic), tmp_path / "run",
+                    TrainSettings(epochs=10, batch_size=6, progress=False, patience=2))
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3] and metrics["stopped_early"] == 3
+    assert metrics["best_epoch"] == 1 and metrics["status"] == "finished"
+
+
+def test_cli_training_flags_reach_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "2", "--schedule", "cosine", "--warmup-ratio",
+                 "0.1", "--weight-decay", "1e-5", "--grad-clip", "0", "--patience", "3", "--precision", "bf16",
+                 "--threads", "1", "--ast-norm", "utterance", "--ast-weight", "0.5", "--epsilon", "0.5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    s, c = metrics["settings"], metrics["config"]
+    assert (s["schedule"], s["warmup_ratio"], s["weight_decay"], s["grad_clip"], s["patience"], s["precision"],
+            s["threads"]) == ("cosine", 0.1, 1e-5, None, 3, "bf16", 1)
+    assert (c["ast_norm"], c["ast_weight"], c["epsilon"]) == ("utterance", 0.5, 0.5)
+    assert metrics["epochs"][1]["lr"] < metrics["epochs"][0]["lr"] < 1e-3  # cosine decay
+    assert all(math.isfinite(v) for v in metrics["epochs"][-1]["train"].values())
+    for bad in (["--warmup-ratio", "1"], ["--precision", "fp64"], ["--threads", "0"]):
+        assert main(["train", "--out", str(tmp_path / "x"), "--quiet", *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
+
+
+def test_cpu_runs_use_one_thread_by_default(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1"]) == 0
+    assert seen == [1]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]["threads"] == 1
+
+
+def test_tensorboard_is_optional(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert main(["train", "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1", "--log",
+                     "tensorboard"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install tensorboard" in err
+        return
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1", "--log", "tensorboard"]) == 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("ast_norm", ["dialogue", "utterance"])
+def test_adversarial_perturbation_norms(synthetic, ast_norm):
+    torch.manual_seed(0)
+    model = CaSCLA(small_config(synthetic, ast_norm=ast_norm, epsilon=0.7), synthetic.label_names).train()
+    batch = collate(synthetic.split("train")[:3])
+    out = model(batch)
+    for rho in out.perturbation:  # (B, T, 3H) per GRU direction
+        if ast_norm == "dialogue":
+            norms = rho.flatten(1).norm(dim=1)
+            assert torch.allclose(norms, torch.full_like(norms, 0.7), rtol=1e-4)
+        else:
+            norms = rho.norm(dim=2)[batch.mask]  # every real utterance gets epsilon
+            assert torch.allclose(norms, torch.full_like(norms, 0.7), rtol=1e-4)
+
+
+def test_ast_weight_scales_the_adversarial_term(synthetic):
+    batch = collate(synthetic.split("train")[:3])
+    totals = {}
+    for w in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = CaSCLA(small_config(synthetic, ast_weight=w, dropout=0.0, label_dropout=0.0),
+                       synthetic.label_names).train()
+        out = model(batch)
+        totals[w] = (out.loss, out.losses)
+    (l1, t1), (l2, t2) = totals[1.0], totals[0.25]
+    assert torch.allclose(l1 - l2, 0.75 * t1["ce_adv"], rtol=1e-4)
