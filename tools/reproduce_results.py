@@ -72,6 +72,11 @@ VARIANTS = {
     "+ focal CE": {"classifier_loss": "focal"},
     "+ decision biases (hold-out)": {"decision_bias": "mean_f1"},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
+    # Readings of AST (issue 13): epsilon per utterance instead of per dialogue,
+    # and a lighter adversarial cross-entropy.
+    "AST: epsilon per utterance": {"ast_norm": "utterance"},
+    "AST: adversarial CE weight 0.5": {"ast_weight": 0.5},
+    "AST: epsilon per utterance, CE weight 0.5": {"ast_norm": "utterance", "ast_weight": 0.5},
 }
 #: The paper's Table 5 (``--study batch-size``): the contrastive term at
 #: batch sizes of 4 to 32 dialogues, everything else at the defaults.
