@@ -7,7 +7,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,7 +265,8 @@ def _check_finite(what: str, value: float, epoch: int, step: int, steps: int) ->
 
 
 def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
-          settings: TrainSettings, data_info: dict | None = None, *, overwrite: bool = False) -> dict:
+          settings: TrainSettings, data_info: dict | None = None, *, overwrite: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train on corpus' train split, pick the epoch with the best weighted F1
     on ``settings.select_split`` (validation by default, never the test
     split), write ``model.pt`` (that epoch) and ``metrics.json`` to
@@ -282,6 +283,11 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
     gradient or weight that is not finite stops the run with
     :class:`TrainingDiverged` before any checkpoint of that model is written.
 
+    ``on_epoch(record)`` is called after each epoch's record (its ``val``
+    scores are the selection split's) is written; an exception it raises
+    (e.g. a hyper-parameter search pruning the run) ends training like any
+    other, with the metrics saying so.
+
     Batches with one labelled utterance train on the cross-entropy terms
     alone (the SCLA loss needs two samples), batches with none are skipped;
     both are counted per epoch (``steps``, ``steps_without``).
@@ -293,10 +299,10 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
     device = resolve_device(settings.device)
     train_set, val_set = corpus.split("train"), corpus.split(settings.select_split)
     with claim_run_dir(out_dir, overwrite=overwrite) as out_dir:
-        return _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set)
+        return _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch)
 
 
-def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set) -> dict:
+def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch=None) -> dict:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)
@@ -419,6 +425,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                     board.add_scalar(k, v, epoch)
                 board.flush()
             write_metrics()
+            if on_epoch is not None:
+                on_epoch(record)
             if settings.patience is not None and epoch - metrics["best_epoch"] >= settings.patience:
                 metrics["stopped_early"] = epoch  # no better selection score for `patience` epochs
                 if settings.progress:

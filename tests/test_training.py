@@ -127,3 +127,19 @@ def test_ast_weight_scales_the_adversarial_term(synthetic):
         totals[w] = (out.loss, out.losses)
     (l1, t1), (l2, t2) = totals[1.0], totals[0.25]
     assert torch.allclose(l1 - l2, 0.75 * t1["ce_adv"], rtol=1e-4)
+
+
+def test_on_epoch_sees_each_record_and_can_stop_the_run(tmp_path, synthetic):
+    seen = []
+
+    def on_epoch(record):
+        seen.append(record["epoch"])
+        if record["epoch"] == 2:
+            raise RuntimeError("pruned")
+
+    with pytest.raises(RuntimeError, match="pruned"):
+        train(small_config(synthetic), small_corpus(synthetic), tmp_path / "run",
+              TrainSettings(epochs=5, batch_size=6, progress=False), on_epoch=on_epoch)
+    assert seen == [1, 2]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == "pruned" and len(metrics["epochs"]) == 2
