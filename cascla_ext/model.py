@@ -142,17 +142,26 @@ class CaSCLA(nn.Module):
                 raise ValueError(f"CaSCLA: clues have shape {tuple(batch.clues.shape)}, expected "
                                  f"(B, T, 6, {cfg.clue_dim})")
 
-    def _context_to_features(self, x: Tensor, batch: Batch, rho: list[Tensor] | None) -> Tensor:
+    def _prepare_interaction(self, batch: Batch) -> tuple | None:
+        """What the causal interaction needs that no view changes (projected
+        clues, causal masks): computed once per forward, shared by the clean,
+        adversarial and textual passes."""
+        if not self.config.use_causal:
+            return None
+        B, T = batch.mask.shape
+        clues = batch.clues.reshape(B, T, 6 * self.config.clue_dim)
+        half = 3 * self.config.clue_dim
+        return self.interaction.prepare(self.clue_intra(clues[..., :half]), self.clue_inter(clues[..., half:]),
+                                        batch.speakers, batch.mask)
+
+    def _context_to_features(self, x: Tensor, batch: Batch, rho: list[Tensor] | None, prepared: tuple | None
+                             ) -> Tensor:
         """GRU (Eq. 7) and causal interaction (Eqs. 8-9) of fused inputs x (B, T, d_x) -> f."""
         h, _ = self.gru(x, lengths=batch.lengths, perturbation=rho)
         h = self.dropout(h)
         if not self.config.use_causal:
             return self.head(h)
-        B, T = batch.mask.shape
-        clues = batch.clues.reshape(B, T, 6 * self.config.clue_dim)
-        half = 3 * self.config.clue_dim
-        return self.interaction(h, self.clue_intra(clues[..., :half]), self.clue_inter(clues[..., half:]),
-                                batch.speakers, batch.mask)
+        return self.interaction.apply_prepared(h, prepared)
 
     def _ce(self, f: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
         return self.classifier_loss(self.classifier(f)[valid], labels[valid])
@@ -187,7 +196,8 @@ class CaSCLA(nn.Module):
         if use_ast:
             B, T = mask.shape
             rho = [x.new_zeros(B, T, 3 * cfg.d_hidden, requires_grad=True) for _ in range(2)]
-        f = self._context_to_features(x, batch, rho)
+        prepared = self._prepare_interaction(batch)
+        f = self._context_to_features(x, batch, rho, prepared)
         logits = self.classifier(f)
         out = CaSCLAOutput(logits=logits, features=f)
         if labels is None:
@@ -214,7 +224,7 @@ class CaSCLA(nn.Module):
                     norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
                 rho_adv.append((cfg.epsilon * g / norm).detach())
             out.perturbation = rho_adv
-            f_adv = self._context_to_features(x, batch, rho_adv)
+            f_adv = self._context_to_features(x, batch, rho_adv, prepared)
             out.losses["ce_adv"] = self._ce(f_adv, labels, valid)
             views.append(f_adv)
         # The SCLA loss contrasts samples with each other: it needs M >= 2
@@ -224,7 +234,7 @@ class CaSCLA(nn.Module):
         if cfg.use_scla and n_valid >= 2:
             if cfg.use_text_augmentation and training_losses:
                 x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
-                views.insert(0, self._context_to_features(x_text, batch, None))
+                views.insert(0, self._context_to_features(x_text, batch, None, prepared))
             f_aug = torch.stack([v[valid] for v in views]) if views else None
             out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
         weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}

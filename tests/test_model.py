@@ -301,3 +301,29 @@ def test_fusion_gain_scales_the_gru_input(corpus):
     assert_close(seen["default"], seen["literal"] * default.fusion_gain)
     with pytest.raises(ValueError, match="fusion_gain must be > 0"):
         CaSCLAConfig.small(fusion_gain=0.0)
+
+
+def test_step_invariant_work_runs_once_per_forward(synthetic):
+    """The clue projections and causal masks do not depend on the view: the
+    clean, adversarial and textual passes share one computation of them, and
+    the prepared path gives exactly what the module's own forward gives."""
+    from conftest import small_config
+
+    torch.manual_seed(0)
+    model = CaSCLA(small_config(synthetic), synthetic.label_names).train()
+    calls = []
+    for name in ("clue_intra", "clue_inter"):
+        getattr(model, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+    model.interaction.intra.f_e.register_forward_hook(lambda *a: calls.append("f_e"))
+    out = model(collate(synthetic.split("train")[:3]))
+    assert set(out.losses) == {"ce", "scla", "ce_adv"}  # three passes through the interaction
+    assert sorted(calls) == ["clue_inter", "clue_intra", "f_e"]
+
+    mod = model.interaction.eval()
+    g = torch.Generator().manual_seed(1)
+    B, T, D = 2, 5, mod.out.in_features // 3
+    h, ci, ce = (torch.randn(B, T, D, generator=g) for _ in range(3))
+    speakers = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, -1, -1]])
+    mask = speakers >= 0
+    torch.testing.assert_close(mod.apply_prepared(h, mod.prepare(ci, ce, speakers, mask)),
+                               mod(h, ci, ce, speakers, mask), rtol=0, atol=0)

@@ -40,13 +40,18 @@ class _Step(nn.Module):
         self.f_ev = nn.Linear(d_context, d_context)  # clue -> value space
         self.scale = 1.0 / math.sqrt(d_scale)
 
-    def forward(self, h: Tensor, clue: Tensor, allowed: Tensor) -> Tensor:
-        keys = self.f_k(h) + self.f_e(clue)                           # (B, T, d)
+    def clue_terms(self, clue: Tensor) -> tuple[Tensor, Tensor]:
+        """f_e(clue) and f_ev(clue): the parts of the keys and values that do not depend on h."""
+        return self.f_e(clue), self.f_ev(clue)
+
+    def forward(self, h: Tensor, clue_terms: tuple[Tensor, Tensor], allowed: Tensor) -> Tensor:
+        key_clue, value_clue = clue_terms
+        keys = self.f_k(h) + key_clue                                  # (B, T, d)
         scores = torch.einsum("bid,bjd->bij", self.f_q(h), keys) * self.scale
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         # Rows with no allowed j get all-zero weights (not NaN, not uniform).
         weights = torch.softmax(scores, dim=-1) * allowed
-        return torch.einsum("bij,bjd->bid", weights, self.f_v(h) + self.f_ev(clue))
+        return torch.einsum("bij,bjd->bid", weights, self.f_v(h) + value_clue)
 
 
 class CausalInteraction(nn.Module):
@@ -73,7 +78,19 @@ class CausalInteraction(nn.Module):
 
     def forward(self, h: Tensor, clue_intra: Tensor, clue_inter: Tensor, speakers: Tensor,
                 mask: Tensor) -> Tensor:
+        return self.apply_prepared(h, self.prepare(clue_intra, clue_inter, speakers, mask))
+
+    def prepare(self, clue_intra: Tensor, clue_inter: Tensor, speakers: Tensor, mask: Tensor) -> tuple:
+        """Everything that does not depend on h: the causal masks and the clues'
+        key and value terms. A model that runs the interaction on several
+        views of the same batch (CaSCLA: clean, adversarial, textual)
+        computes this once and calls :meth:`apply_prepared` per view."""
         intra_mask, inter_mask = causal_masks(speakers, mask)
-        intra = self.intra(h, clue_intra, intra_mask)
-        inter = self.inter(h, clue_inter, inter_mask)
+        return (self.intra.clue_terms(clue_intra), intra_mask), (self.inter.clue_terms(clue_inter), inter_mask)
+
+    def apply_prepared(self, h: Tensor, prepared: tuple) -> Tensor:
+        """The interaction of context h with what :meth:`prepare` returned (= ``forward``)."""
+        (intra_terms, intra_mask), (inter_terms, inter_mask) = prepared
+        intra = self.intra(h, intra_terms, intra_mask)
+        inter = self.inter(h, inter_terms, inter_mask)
         return self.out(self.dropout(torch.cat([h, intra, inter], dim=-1)))
