@@ -75,3 +75,21 @@ def test_the_batch_size_study_is_the_papers_table_5(tmp_path):
     assert "| SPCL-style | - | - | - | - |" in text  # not run: shown as missing, not invented
     r = _run("--study", "batch-size", "--variants", "w/o AST", "--doc", tmp_path / "r.md")
     assert r.returncode == 2 and "unknown variants ['w/o AST']" in r.stderr
+
+
+def test_a_field_added_later_at_its_default_keeps_a_run_finished():
+    sys_path = str(ROOT / "tools")
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, sys_path)
+    try:
+        tool = importlib.import_module("reproduce_results")
+    finally:
+        _sys.path.remove(sys_path)
+    key = {"config": {"d_model": 8, "ast_norm": "dialogue"}, "settings": {"lr": 0.001, "patience": None}}
+    old = {"config": {"d_model": 8}, "settings": {"lr": 0.001}}  # written before ast_norm/patience existed
+    assert tool.same_run(old, key)
+    assert not tool.same_run(old, {**key, "config": {"d_model": 8, "ast_norm": "utterance"}})  # not the default
+    assert not tool.same_run({**old, "config": {"d_model": 16}}, key)
+    assert not tool.same_run({"config": {"d_model": 8, "gone": 1}, "settings": {"lr": 0.001}}, key)

@@ -36,6 +36,7 @@ rows.json found and written atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,7 +56,9 @@ from cascla_ext._io import atomic_write, atomic_write_json  # noqa: E402
 from cascla_ext.data import FeatureOptions, load_dataset  # noqa: E402
 from cascla_ext.metrics import scores  # noqa: E402
 from cascla_ext.model import CaSCLA  # noqa: E402
-from cascla_ext.train import TrainSettings, evaluate, summarise_scores, train  # noqa: E402
+from cascla_ext.train import (  # noqa: E402
+    TrainSettings, evaluate, fit_decision_bias, predict_dialogues, summarise_scores, train,
+)
 
 #: Row name -> what differs from the defaults (CaSCLAConfig fields, or the
 #: TrainSettings fields in SETTINGS_FIELDS). The ablations switch one part off
@@ -86,6 +89,10 @@ STUDY = {f"{name}, batch {b}": {"contrastive": loss, "batch_size": b}
          for name, loss in STUDY_LOSSES.items() for b in STUDY_SIZES}
 ALL_VARIANTS = {**VARIANTS, **STUDY}
 SETTINGS_FIELDS = ("decision_bias", "batch_size")
+#: Rows that are another row's finished runs plus decision biases fitted on
+#: the hold-out afterwards: exactly what training with --decision-bias does
+#: at its end (same seed, same model), without training again.
+POSTHOC_BIAS = {"+ decision biases (hold-out)": "CaSCLA (defaults: balanced SCLA, lambda 1)"}
 BASELINE = "Logistic regression (context-free)"
 FEATURES = ("frozen", "finetuned")
 DATA = {"meld": "meld", "iemocap": "iemocap"}
@@ -132,12 +139,38 @@ def settings_for(args, ds: str, seed: int, variant: str) -> TrainSettings:
     return TrainSettings(epochs=args.epochs, lr=1e-3, seed=seed, progress=False, select_split="holdout", **extra)
 
 
+def _defaults() -> dict:
+    """Each config and settings field's default, as run_key writes values."""
+    config = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(CaSCLAConfig)}
+    settings = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    return json.loads(json.dumps({"config": config, "settings": settings}))
+
+
+def same_run(stored: dict, key: dict) -> bool:
+    """Whether a finished run's key describes the run ``key`` asks for. A
+    field the stored key lacks (added to the package after the run) matches
+    when the asked value is that field's default: the run trained with it."""
+    defaults = _defaults()
+    for part in ("config", "settings"):
+        old, new = stored.get(part, {}), key[part]
+        for name in set(old) | set(new):
+            if name not in new:
+                return False
+            if name in old:
+                if old[name] != new[name]:
+                    return False
+            elif name not in defaults[part] or new[name] != defaults[part][name]:
+                return False
+    return True
+
+
 def finished(path: Path, key: dict) -> dict | None:
     try:
         done = json.loads((path / "scores.json").read_text())
     except (OSError, ValueError):
         return None
-    return done if done.get("key") == key else None
+    return done if isinstance(done.get("key"), dict) and same_run(done["key"], key) else None
 
 
 def worker(args) -> int:
@@ -149,6 +182,10 @@ def worker(args) -> int:
     corpus = load_corpus(args, ds, features)
     config, settings = make_config(corpus, variant), settings_for(args, ds, int(seed), variant)
     path = run_dir(args, features, ds, variant, int(seed))
+    base = POSTHOC_BIAS.get(variant)
+    if base and finished(run_dir(args, features, ds, base, int(seed)),
+                         run_key(make_config(corpus, base), settings_for(args, ds, int(seed), base))):
+        return posthoc_bias(args, corpus, config, settings, path, run_dir(args, features, ds, base, int(seed)))
     metrics = train(config, corpus, path, settings,
                     {"dataset": ds, "features": feature_options(args, features).to_dict(), "holdout": HOLDOUT},
                     overwrite=True)  # a run without scores.json did not finish: redo it
@@ -158,6 +195,28 @@ def worker(args) -> int:
                        "seconds": metrics["total_seconds"],
                        "holdout": metrics.get("selection_scores") or metrics["epochs"][metrics["best_epoch"] - 1]["val"],
                        "val": val},
+                      path / "scores.json")
+    return 0
+
+
+def posthoc_bias(args, corpus, config, settings, path: Path, base_dir: Path) -> int:
+    """Fit decision biases on the hold-out to a finished run's checkpoint (as
+    train() does at its end with decision_bias set) and score val."""
+    model = CaSCLA.load(base_dir / "model.pt")
+    holdout = corpus.split("holdout")
+    probs = predict_dialogues(model, holdout, settings.batch_size)
+    y = np.concatenate([d.labels for d in holdout])
+    bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, corpus.label_names,
+                                            settings.decision_bias)
+    model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
+    base = json.loads((base_dir / "scores.json").read_text())
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({"key": run_key(config, settings), "best_epoch": base["best_epoch"], "seconds": base["seconds"],
+                       "holdout": evaluate(model, holdout, settings.batch_size),
+                       "val": evaluate(model, corpus.split("val"), settings.batch_size),
+                       "decision_bias": {"bias": dict(zip(corpus.label_names, bias.tolist())),
+                                         "holdout_before": before, "holdout_after": after,
+                                         "from": str(base_dir)}},
                       path / "scores.json")
     return 0
 
