@@ -2,6 +2,8 @@
 
     cascla train --dataset synthetic --out RUN_DIR [--epochs N] [--seed S] ...
     cascla train --dataset meld --data-dir DIR --out RUN_DIR --clues atomic --atomic-dir DIR2 [--seeds 0,1,2]
+    cascla train --dataset meld --data-dir DIR --out RUN_DIR --config STUDY_DIR/best.json [--lr 3e-4]
+    cascla tune --dataset meld --data-dir DIR --out STUDY_DIR --trials 50 [--jobs 2] [--epochs 10]
     cascla evaluate --checkpoint RUN_DIR/model.pt --split test [--json] [--plot cm.png]
     cascla predict --checkpoint RUN_DIR/model.pt --input dialogues.jsonl [--json]
 
@@ -60,14 +62,24 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer(lowest: int):
+    """An argparse type: an integer >= ``lowest``."""
+    what = "a positive integer" if lowest == 1 else f"an integer >= {lowest}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_nonnegative_int = _integer(0)
+_positive_int = _integer(1)
 
 
 def _finite_number(lowest: float, *, inclusive: bool):
@@ -158,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cascla", description="Train and evaluate CaSCLA (multimodal emotion "
                      "recognition in conversation).")
     parser.add_argument("--version", action=_Version, help="print the version and build, then exit")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,evaluate,predict,tune}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a model, select the best epoch on validation")
@@ -168,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory: model.pt and metrics.json go here")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run that --out already holds (default: refuse)")
+    t.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON file of defaults for this run: its 'config' (CaSCLAConfig fields), "
+                        "'settings' (TrainSettings fields) and 'preset', e.g. the best.json of cascla tune "
+                        "or a run's metrics.json; flags given on the command line win")
     t.add_argument("--epochs", type=_positive_int, default=20, help="training epochs")
     t.add_argument("--seed", type=int, default=0, help="seed of the model and the batch order")
     t.add_argument("--seeds", type=_seeds, default=None,
@@ -261,6 +277,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object per utterance instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_feature_args(p, for_training=False)
+
+    from .tune import OBJECTIVES
+
+    u = sub.add_parser("tune", help="search hyper-parameters with Optuna, selecting on the hold-out "
+                                    "(needs the [tune] extra)")
+    u.add_argument("--dataset", choices=DATASETS, required=True,
+                   help="the built-in synthetic corpus, or a reader for files in --data-dir")
+    u.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
+    u.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic corpus")
+    u.add_argument("--out", required=True, metavar="STUDY_DIR",
+                   help="study folder: study.db (the Optuna study, resumed when the command runs again), "
+                        "best.json and trials/<number>/")
+    u.add_argument("--trials", type=_positive_int, required=True,
+                   help="run trials until the study holds this many finished (complete or pruned) ones")
+    u.add_argument("--jobs", type=_positive_int, default=1,
+                   help="worker processes running trials in parallel (one torch thread each on the CPU)")
+    u.add_argument("--epochs", type=_positive_int, default=10, help="training epochs of each trial")
+    u.add_argument("--seed", type=int, default=0,
+                   help="seed of every trial's model and batch order, and of the sampler")
+    u.add_argument("--objective", choices=OBJECTIVES, default="weighted_f1",
+                   help="hold-out score to maximise, at the epoch training selects (best hold-out weighted "
+                        "F1); mean_f1 is the mean of weighted and macro F1")
+    u.add_argument("--space", default="default", metavar="default|FILE.json",
+                   help="the search space: default (lr, scla_weight, gamma, epsilon, dropout, "
+                        "classifier_loss, batch_size) or a JSON file replacing it (README)")
+    u.add_argument("--config", default=None, metavar="FILE",
+                   help="fixed settings for every trial, in the file format train --config reads (the "
+                        "space's values win)")
+    u.add_argument("--preset", choices=PRESETS, default=None,
+                   help="model widths (default: small for synthetic, base otherwise)")
+    u.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="start no new trial after this many seconds of trials (from when the data is loaded; "
+                        "running trials finish)")
+    u.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop a trial whose hold-out score after an epoch is below the median of the "
+                        "complete trials' after that epoch, or never")
+    u.add_argument("--prune-startup", type=_nonnegative_int, default=5,
+                   help="prune only once this many trials are complete")
+    u.add_argument("--prune-warmup", type=_nonnegative_int, default=1,
+                   help="never prune a trial during its first N epochs")
+    u.add_argument("--device", default="cpu", help="cpu or cuda")
+    u.add_argument("--quiet", action="store_true", help="no line per trial")
+    _add_feature_args(u, for_training=True)
+    u.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    u.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -326,6 +387,7 @@ def _train(args) -> int:
 
     if args.dataset == "synthetic" and args.data_dir:
         raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
+    file = _apply_config_file(args) if args.config else None
     check_run_dir(args.out, overwrite=args.overwrite)  # before minutes of feature extraction
     options = _feature_options(args)
     reader_options = _reader_options(args)
@@ -334,19 +396,29 @@ def _train(args) -> int:
     holdout = HOLDOUT_FRACTION if args.select_on == "holdout" else None
     corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout,
                           _load_options(args, args.dataset))
-    preset = args.preset or ("small" if args.dataset == "synthetic" else "base")
-    modalities = args.modalities or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims)
+    preset = args.preset or (file and file.preset) or ("small" if args.dataset == "synthetic" else "base")
+    modalities = (args.modalities or (file and tuple(file.config.get("modalities") or ()))
+                  or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims))
     missing = [m for m in modalities if m not in corpus.input_dims]
     if missing:
         raise CLIError(f"cascla train: dataset {args.dataset} has no {', '.join(missing)} features "
                        f"(it has: {', '.join(corpus.input_dims)})")
-    overrides = dict(
+    # The config file's fields are the defaults; the flags given win.
+    overrides = dict(file.config) if file else {}
+    overrides.update(
         num_classes=len(corpus.label_names), modalities=modalities,
         input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-        use_scla=not (args.no_scla or args.contrastive == "none"), use_ast=not args.no_ast,
-        use_causal=not args.no_causal,
-        ops_backend="reference" if args.reference_ops else "fused",
     )
+    if args.no_scla or args.contrastive == "none":
+        overrides["use_scla"] = False
+    elif args.contrastive is not None or not file:
+        overrides["use_scla"] = True
+    if args.no_ast or not file:
+        overrides["use_ast"] = not args.no_ast
+    if args.no_causal or not file:
+        overrides["use_causal"] = not args.no_causal
+    if args.reference_ops or not file:
+        overrides["ops_backend"] = "reference" if args.reference_ops else "fused"
     if args.gamma is not None:
         overrides["gamma"] = args.gamma
     if args.scla_weight is not None:
@@ -369,11 +441,14 @@ def _train(args) -> int:
                              decision_bias=args.decision_bias, patience=args.patience,
                              weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
-                             threads=threads, tensorboard=args.log == "tensorboard")
+                             threads=threads, tensorboard=args.log == "tensorboard",
+                             **(file.settings if file else {}))
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                  "features": options.to_dict(), "reader_options": reader_options, "preset": preset,
                  "holdout": holdout}
+    if file:
+        data_info["config_file"] = str(Path(file.path).expanduser().resolve())
     if args.seeds:
         summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info, overwrite=args.overwrite)
         print(_format_summary(summary))
@@ -384,6 +459,112 @@ def _train(args) -> int:
     print(f"best epoch {metrics['best_epoch']}: {args.select_on} weighted F1 "
           f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
           f"({metrics['total_seconds']:.1f} s); wrote {args.out}/model.pt and {args.out}/metrics.json")
+    return 0
+
+
+#: TrainSettings fields that train has a flag for: the flag's dest.
+_SETTING_FLAGS = {
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "seed": "seed",
+    "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "decision_bias": "decision_bias",
+    "patience": "patience", "schedule": "schedule", "warmup_ratio": "warmup_ratio", "precision": "precision",
+    "threads": "threads", "tensorboard": "log",
+}
+
+
+def _apply_config_file(args):
+    """Read ``--config``: its settings become the values of the flags not given
+    on the command line (``args.given``); returns the file with the settings
+    that have no flag left in ``settings`` (passed to TrainSettings as they
+    are) and its config fields (the defaults of CaSCLAConfig's)."""
+    from .tune import TuneError, read_config_file
+
+    try:
+        file = read_config_file(args.config, "cascla train")
+    except TuneError as err:
+        raise CLIError(str(err)) from None
+    given = getattr(args, "given", set())
+    rest = {}
+    for name, value in file.settings.items():
+        dest = _SETTING_FLAGS.get(name)
+        if dest is None:
+            rest[name] = value
+        elif dest not in given:
+            if name == "grad_clip":
+                value = value or 0.0  # None: no clipping, as --grad-clip 0
+            elif name == "tensorboard":
+                value = "tensorboard" if value else "none"
+            setattr(args, dest, value)
+    file.settings = rest
+    file.config = {k: v for k, v in file.config.items()
+                   if not (k == "modalities" and args.modalities is not None)}
+    return file
+
+
+def _given_dests(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options given in ``argv`` (parsed again with
+    every default suppressed, so abbreviations count too)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    if a.dest != "help":
+                        a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(argv))))
+
+
+def _tune(args, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from . import tune as T
+    from .train import resolve_device
+
+    try:
+        T._optuna()  # one line if the [tune] extra is missing, before anything else
+        if args.dataset == "synthetic" and args.data_dir:
+            raise CLIError("cascla tune: --data-dir is for real datasets; synthetic is built in")
+        if args.jobs > 1 and args.no_cache and args.dataset != "synthetic":
+            raise CLIError("cascla tune: --jobs > 1 loads the features from the cache in each worker: drop "
+                           "--no-cache")
+        fixed = T.read_config_file(args.config, "cascla tune") if args.config else T.ConfigFile("")
+        fixed_settings = {k: v for k, v in fixed.settings.items() if k not in T.TUNE_OWN_SETTINGS}
+        preset = args.preset or fixed.preset or ("small" if args.dataset == "synthetic" else "base")
+        space = T.load_space(args.space, base_config=fixed.config, preset=preset)
+        resolve_device(args.device)  # before the study is opened and the data loaded
+        options = _feature_options(args)
+        reader_options = _reader_options(args)
+        data = {"dataset": args.dataset, "data_seed": args.data_seed,
+                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                "features": options.to_dict(), "reader_options": reader_options, "holdout": HOLDOUT_FRACTION}
+        setup = T.TuneSetup(
+            study_dir=Path(args.out).expanduser(), trials=args.trials, dataset=args.dataset, epochs=args.epochs,
+            seed=args.seed, objective=args.objective, space=space, preset=preset, data=data,
+            fixed_config=dict(fixed.config), fixed_settings=fixed_settings, device=args.device,
+            pruner=args.pruner, prune_startup=args.prune_startup, prune_warmup=args.prune_warmup,
+            quiet=args.quiet)
+
+        def load_corpus():
+            # Always with the hold-out split off (before any feature extraction or
+            # fine-tuning), as train --select-on holdout: trials never see val or test.
+            corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options,
+                                  HOLDOUT_FRACTION, _load_options(args, args.dataset))
+            return corpus, {**data, "features": options.to_dict(), "preset": preset}
+
+        if args.worker is not None:
+            corpus, data_info = load_corpus()
+            T.work(setup, corpus, data_info, index=args.worker, deadline=args.deadline)
+            return 0
+        result = T.run(setup, load_corpus, jobs=args.jobs, timeout=args.timeout,
+                       worker_command=[sys.executable, "-m", "cascla_ext", *argv])
+    except T.TuneError as err:
+        raise CLIError(str(err)) from None
+    hint = f"cascla train --dataset {args.dataset}"
+    if args.data_dir:
+        hint += f" --data-dir {args.data_dir}"
+    hint += f" --config {Path(args.out) / 'best.json'} --out RUN_DIR"
+    if args.dataset != "synthetic":
+        hint += " (and the same feature flags)"
+    print(T.format_summary(result, setup, hint))
     return 0
 
 
@@ -402,6 +583,7 @@ def _format_summary(summary: dict) -> str:
 _DATA_FIELDS = {
     "dataset": (str,), "data_seed": (int,), "data_dir": (str, type(None)), "features": (dict, type(None)),
     "reader_options": (dict,), "preset": (str, type(None)), "holdout": (float, type(None)),
+    "config_file": (str, type(None)),
 }
 _FEATURE_FIELDS = {
     "encoder": (str, type(None)), "clues": (str,), "atomic_dir": (str, type(None)), "comet": (str, type(None)),
@@ -543,7 +725,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import TrainingDiverged
 
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        if args.command == "tune":
+            return _tune(args, argv)
+        if args.command == "train" and args.config:
+            args.given = _given_dests(argv)
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except CLIError as err:
         print(err, file=sys.stderr)

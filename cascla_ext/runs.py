@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["RUN_FILES", "RunFolderError", "check_run_dir", "claim_run_dir"]
+__all__ = ["RUN_FILES", "RunFolderError", "check_run_dir", "claim_run_dir", "folder_lock"]
 
 #: What a run writes into its folder (besides ``seed_<s>/`` folders of a ``--seeds`` study).
 RUN_FILES = ("model.pt", "metrics.json", "summary.json")
@@ -56,6 +56,28 @@ def check_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
+def folder_lock(path: Path, lock_name: str, busy: str) -> Iterator[None]:
+    """Hold an advisory flock on ``path/lock_name`` (which records this pid)
+    for the block; the kernel drops it when the process ends, however it
+    ends. Raises RunFolderError(``busy`` + who holds it) if another process does."""
+    fh = open(path / lock_name, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunFolderError(busy.format(holder=holder)) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+@contextlib.contextmanager
 def claim_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Create (if needed) and lock ``path`` for one run; yields it as a Path.
 
@@ -70,23 +92,12 @@ def claim_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
             created.append(parent)
     path.mkdir(parents=True, exist_ok=True)
     lock_path = path / LOCK_FILE
-    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RunFolderError(f"--out {path} is in use by another cascla run ({holder}); wait for it "
-                                 "to finish or choose another folder") from None
+    with folder_lock(path, LOCK_FILE, f"--out {path} is in use by another cascla run ({{holder}}); wait for it "
+                                      "to finish or choose another folder"):
         # Re-check under the lock: a run may have finished between the check and the lock.
         if not overwrite and _existing_run(path):
             raise RunFolderError(f"--out {path} already holds a run ({', '.join(_existing_run(path))}); "
                                  "pass --overwrite to replace it, or choose another folder")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
         try:
             yield path
         except BaseException:
@@ -96,5 +107,3 @@ def claim_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
                     with contextlib.suppress(OSError):
                         folder.rmdir()
             raise
-    finally:
-        fh.close()  # releases the lock

@@ -73,7 +73,7 @@ def test_perturbed_gru_under_autocast(device, dtype):
 @pytest.mark.parametrize("device,dtype", AUTOCAST, ids=IDS)
 def test_tr_attention_under_autocast(device, dtype):
     g = torch.Generator().manual_seed(1)
-    B, T, ranks = 2, 5, (3, 4)
+    B, T = 2, 5
     shapes = [(3, 4), (4, 3)]
     tensors = []
     for s, w in shapes:

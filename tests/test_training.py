@@ -125,7 +125,7 @@ def test_ast_weight_scales_the_adversarial_term(synthetic):
                        synthetic.label_names).train()
         out = model(batch)
         totals[w] = (out.loss, out.losses)
-    (l1, t1), (l2, t2) = totals[1.0], totals[0.25]
+    (l1, t1), (l2, _) = totals[1.0], totals[0.25]
     assert torch.allclose(l1 - l2, 0.75 * t1["ce_adv"], rtol=1e-4)
 
 
