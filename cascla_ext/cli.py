@@ -341,10 +341,10 @@ def _feature_options(args, stored: dict | None = None):
         # Settings from a checkpoint are data: they may name a fine-tuned
         # encoder to load, never a folder to write to (may_finetune=False).
         overrides["may_finetune"] = False
-        if args.encoder is not None:  # an explicit encoder replaces the recorded (fine-tuned) one
-            overrides.update(finetune_encoder=False, finetune_dir=None)
     options = FeatureOptions.from_dict(stored or {}, **overrides)
     if stored is not None and args.encoder is not None:
+        # An explicit encoder replaces the recorded (fine-tuned) one. Set here,
+        # not through from_dict, which drops None overrides.
         options.finetune_encoder, options.finetune_dir = False, None
     options.use_cache = not args.no_cache
     options.validate()

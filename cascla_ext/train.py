@@ -21,6 +21,7 @@ from .metrics import scores
 from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "TrainSettings", "TrainingDiverged", "evaluate", "fit_decision_bias",
+           "fit_model_decision_bias",
            "predict_dialogues", "seed_everything", "summarise_scores", "train", "train_seeds"]
 
 
@@ -139,6 +140,19 @@ def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequenc
         if not improved:
             break
     return b, before, best
+
+
+def fit_model_decision_bias(model: CaSCLA, dialogues: Sequence[Dialogue], score: str, batch_size: int = 32,
+                            device: str | torch.device = "cpu") -> tuple[np.ndarray, float, float]:
+    """Fit ``model``'s per-class decision biases on ``dialogues`` (a selection
+    split) to maximise ``score`` (:func:`fit_decision_bias`) and set them in
+    the model; returns (biases, score before, score after)."""
+    model.decision_bias.zero_()
+    probs = predict_dialogues(model, dialogues, batch_size, device)
+    y = np.concatenate([d.labels for d in dialogues])
+    bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, model.label_names, score)
+    model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
+    return bias, before, after
 
 
 class TrainingDiverged(RuntimeError):
@@ -354,13 +368,13 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             # eight steps an epoch (an extra backward per term on those steps).
             every = max(1, steps_per_epoch // 8)
             norms: dict[str, list[float]] = {}
+            expected = _expected_terms(config)
             for step, batch in enumerate(step_bar, start=1):
                 batch = batch.to(device)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     out = model(batch, grad_norms=(step - 1) % every == 0)
                 for k, v in out.grad_norms.items():
                     norms.setdefault(k, []).append(v)
-                expected = _expected_terms(config)
                 if out.loss is None:  # no labelled utterance in the batch
                     without["labels"] = without.get("labels", 0) + 1
                     continue
@@ -436,11 +450,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         if settings.decision_bias != "none" and saved:
             # Refit the biases of the selected epoch's model on the selection split.
             model = CaSCLA.load(out_dir / "model.pt").to(device)
-            probs = predict_dialogues(model, val_set, settings.batch_size, device)
-            y = np.concatenate([d.labels for d in val_set])
-            bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, corpus.label_names,
-                                                    settings.decision_bias)
-            model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
+            bias, before, after = fit_model_decision_bias(model, val_set, settings.decision_bias,
+                                                          settings.batch_size, device)
             metrics["decision_bias"] = {"score": settings.decision_bias, "bias": dict(zip(corpus.label_names,
                                                                                            bias.tolist())),
                                         "selection_before": before, "selection_after": after}

@@ -57,7 +57,7 @@ from cascla_ext.data import FeatureOptions, load_dataset  # noqa: E402
 from cascla_ext.metrics import scores  # noqa: E402
 from cascla_ext.model import CaSCLA  # noqa: E402
 from cascla_ext.train import (  # noqa: E402
-    TrainSettings, evaluate, fit_decision_bias, predict_dialogues, summarise_scores, train,
+    TrainSettings, evaluate, fit_model_decision_bias, summarise_scores, train,
 )
 
 #: Row name -> what differs from the defaults (CaSCLAConfig fields, or the
@@ -204,11 +204,7 @@ def posthoc_bias(args, corpus, config, settings, path: Path, base_dir: Path) -> 
     train() does at its end with decision_bias set) and score val."""
     model = CaSCLA.load(base_dir / "model.pt")
     holdout = corpus.split("holdout")
-    probs = predict_dialogues(model, holdout, settings.batch_size)
-    y = np.concatenate([d.labels for d in holdout])
-    bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, corpus.label_names,
-                                            settings.decision_bias)
-    model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
+    bias, before, after = fit_model_decision_bias(model, holdout, settings.decision_bias, settings.batch_size)
     base = json.loads((base_dir / "scores.json").read_text())
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"key": run_key(config, settings), "best_epoch": base["best_epoch"], "seconds": base["seconds"],
