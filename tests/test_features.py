@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -407,6 +408,28 @@ def test_atomic_clues_cache(encoder, tiny_atomic, tmp_path, monkeypatch):
     assert not calls
     np.testing.assert_array_equal(first.tail_means, second.tail_means)
     np.testing.assert_array_equal(first.event_embeddings, second.event_embeddings)
+
+
+@requires_minilm
+def test_atomic_clues_cache_is_keyed_by_content(encoder, tiny_atomic, tmp_path, monkeypatch):
+    """A copy of the ATOMIC folder (new paths and modification times: a CI
+    machine, a new data mount) hits the cache; a changed file does not."""
+    import shutil
+
+    cache = FeatureCache(tmp_path / "cache")
+    first = AtomicClues(tiny_atomic, encoder, cache=cache, progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_atomic, copy)
+    os.utime(copy / "tiny.csv", ns=(1, 1))
+    calls = []
+    real_encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    again = AtomicClues(copy, encoder, cache=cache, progress=False)
+    assert not calls and again.fingerprint == first.fingerprint
+    with open(copy / "tiny.csv", "a") as fh:
+        fh.write("\n")  # same events and tails, other bytes: the files' content is the key
+    changed = AtomicClues(copy, encoder, cache=cache, progress=False)
+    assert changed.fingerprint != first.fingerprint
 
 
 @requires_minilm

@@ -86,6 +86,14 @@ def _atomic_files(atomic_dir: Path) -> list[Path]:
     return files
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _parse_tails(cell: str, where: str) -> list[str]:
     cell = cell.strip()
     if not cell:
@@ -173,7 +181,9 @@ class AtomicClues:
         unique_tails = sorted({t for per_rel in self.tails for ts in per_rel for t in ts})
         self._key = {
             "encoder": encoder.fingerprint,
-            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in self.files],
+            # Content, not modification times: a copied or re-checked-out ATOMIC
+            # folder (a CI machine, a new data mount) hits the same cache entries.
+            "files": [[f.name, f.stat().st_size, _file_sha256(f)] for f in self.files],
             "max_events": max_events, "rewrite": REWRITE_VERSION,
         }
 
