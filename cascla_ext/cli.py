@@ -19,6 +19,8 @@ import math
 import sys
 from collections.abc import Sequence
 
+from .presets import LEARNING_RATE, PRESETS, WIDTHS, config_for, default_widths, tuned_path, tuned_presets
+
 __all__ = ["main"]
 
 
@@ -220,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboard); "
                         "metrics.json and metrics.csv are always written")
     t.add_argument("--preset", choices=PRESETS, default=None,
-                   help="model widths: small (synthetic data, tests), base (real data on a CPU) or "
-                        "paper (d_m 1024, d_h 300); default: small for synthetic, base otherwise")
+                   help="model widths and training defaults: small (synthetic data, tests), base (real data "
+                        "on a CPU), paper (the paper's: d_m 1024, d_h 300, lr 1e-4) or tuned (found by cascla "
+                        "tune on the dataset's hold-out with the default encoder; cascla_ext/tuned/); default: "
+                        "tuned where the dataset has a tuned preset and no --config or --encoder is given, "
+                        "else small for synthetic and base otherwise")
     t.add_argument("--modalities", type=_modalities, default=None, help="subset of t,a,v (default: all)")
     t.add_argument("--no-scla", action="store_true", help="ablation: CE only (no SCLA loss; = --contrastive none)")
     t.add_argument("--contrastive", choices=CONTRASTIVE_LOSSES + ("none",), default=None,
@@ -305,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", default=None, metavar="FILE",
                    help="fixed settings for every trial, in the file format train --config reads (the "
                         "space's values win)")
-    u.add_argument("--preset", choices=PRESETS, default=None,
+    u.add_argument("--preset", choices=WIDTHS, default=None,
                    help="model widths (default: small for synthetic, base otherwise)")
     u.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="start no new trial after this many seconds of trials (from when the data is loaded; "
@@ -325,7 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PRESETS = ("small", "base", "paper")
 #: Fraction of the training dialogues that --select-on holdout sets aside.
 HOLDOUT_FRACTION = 0.1
 
@@ -380,13 +384,14 @@ def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, re
 def _train(args) -> int:
     from pathlib import Path
 
-    from .config import CaSCLAConfig
-    from .train import TrainSettings, train, train_seeds
-
     from .runs import check_run_dir
+    from .train import TrainSettings, train, train_seeds
 
     if args.dataset == "synthetic" and args.data_dir:
         raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
+    tuned = _tuned_preset(args)
+    if tuned:
+        args.config = str(tuned)
     file = _apply_config_file(args) if args.config else None
     check_run_dir(args.out, overwrite=args.overwrite)  # before minutes of feature extraction
     options = _feature_options(args)
@@ -396,7 +401,7 @@ def _train(args) -> int:
     holdout = HOLDOUT_FRACTION if args.select_on == "holdout" else None
     corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout,
                           _load_options(args, args.dataset))
-    preset = args.preset or (file and file.preset) or ("small" if args.dataset == "synthetic" else "base")
+    widths = (None if args.preset == "tuned" else args.preset) or (file and file.preset) or default_widths(args.dataset)
     modalities = (args.modalities or (file and tuple(file.config.get("modalities") or ()))
                   or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims))
     missing = [m for m in modalities if m not in corpus.input_dims]
@@ -433,8 +438,8 @@ def _train(args) -> int:
     if args.classifier_loss is not None:
         overrides["classifier_loss"] = args.classifier_loss
     overrides["class_prior"] = corpus.class_prior("train")
-    config = getattr(CaSCLAConfig, preset)(**overrides) if preset != "paper" else CaSCLAConfig(**overrides)
-    lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
+    config = config_for(widths, **overrides)
+    lr = args.lr if args.lr is not None else LEARNING_RATE[widths]
     threads = args.threads or (1 if args.device == "cpu" else None)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
                              device=args.device, progress=not args.quiet, select_split=args.select_on,
@@ -445,8 +450,8 @@ def _train(args) -> int:
                              **(file.settings if file else {}))
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                 "features": options.to_dict(), "reader_options": reader_options, "preset": preset,
-                 "holdout": holdout}
+                 "features": options.to_dict(), "reader_options": reader_options,
+                 "preset": "tuned" if tuned else widths, "widths": widths, "holdout": holdout}
     if file:
         data_info["config_file"] = str(Path(file.path).expanduser().resolve())
     if args.seeds:
@@ -460,6 +465,26 @@ def _train(args) -> int:
           f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
           f"({metrics['total_seconds']:.1f} s); wrote {args.out}/model.pt and {args.out}/metrics.json")
     return 0
+
+
+def _tuned_preset(args):
+    """The tuned preset's file that this run uses, or None: with ``--preset
+    tuned``, or by default where the dataset has one and neither ``--config``
+    nor ``--encoder`` says otherwise (a tuned preset is for the default encoder)."""
+    if args.preset not in (None, "tuned") or (args.preset is None and (args.config or args.encoder)):
+        return None
+    kind = "fine-tuned" if args.finetune_encoder else "frozen"
+    if args.preset == "tuned":
+        if args.config:
+            raise CLIError("cascla train: --preset tuned and --config both name the run's defaults; give one")
+        if args.encoder:
+            raise CLIError("cascla train: --preset tuned is for the default encoder; drop --encoder or choose "
+                           "another --preset")
+    path = tuned_path(args.dataset, args.finetune_encoder)
+    if path is None and args.preset == "tuned":
+        raise CLIError(f"cascla train: --preset tuned: no tuned preset for {args.dataset} with the {kind} encoder "
+                       f"(there are: {', '.join(tuned_presets()) or 'none'})")
+    return path
 
 
 #: TrainSettings fields that train has a flag for: the flag's dest.
@@ -528,7 +553,7 @@ def _tune(args, argv: Sequence[str]) -> int:
                            "--no-cache")
         fixed = T.read_config_file(args.config, "cascla tune") if args.config else T.ConfigFile("")
         fixed_settings = {k: v for k, v in fixed.settings.items() if k not in T.TUNE_OWN_SETTINGS}
-        preset = args.preset or fixed.preset or ("small" if args.dataset == "synthetic" else "base")
+        preset = args.preset or fixed.preset or default_widths(args.dataset)
         space = T.load_space(args.space, base_config=fixed.config, preset=preset)
         resolve_device(args.device)  # before the study is opened and the data loaded
         options = _feature_options(args)
@@ -582,7 +607,8 @@ def _format_summary(summary: dict) -> str:
 #: The data settings a checkpoint records, and the types each may have.
 _DATA_FIELDS = {
     "dataset": (str,), "data_seed": (int,), "data_dir": (str, type(None)), "features": (dict, type(None)),
-    "reader_options": (dict,), "preset": (str, type(None)), "holdout": (float, type(None)),
+    "reader_options": (dict,), "preset": (str, type(None)), "widths": (str, type(None)),
+    "holdout": (float, type(None)),
     "config_file": (str, type(None)),
 }
 _FEATURE_FIELDS = {
@@ -729,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "tune":
             return _tune(args, argv)
-        if args.command == "train" and args.config:
+        if args.command == "train":  # a config file or a tuned preset gives the defaults of the flags not given
             args.given = _given_dests(argv)
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except CLIError as err:

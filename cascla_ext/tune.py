@@ -187,10 +187,10 @@ def read_config_file(path: str | os.PathLike, command: str = "cascla train") -> 
                         "'val' or 'holdout'")
     preset = data.get("preset")
     if preset is not None:
-        from .cli import PRESETS
+        from .presets import WIDTHS
 
-        if preset not in PRESETS:
-            raise TuneError(f"{where}: 'preset' is {preset!r}, expected one of {', '.join(PRESETS)}")
+        if preset not in WIDTHS:
+            raise TuneError(f"{where}: 'preset' is {preset!r}, expected one of {', '.join(WIDTHS)}")
         out.preset = preset
     return out
 
@@ -201,6 +201,7 @@ def read_config_file(path: str | os.PathLike, command: str = "cascla train") -> 
 def _check_value(name: str, value, where: str, base_config: dict, preset: str) -> None:
     """``value`` fits the field ``name`` (type and range), with the other settings at ``base_config``."""
     from .config import CaSCLAConfig
+    from .presets import config_for
     from .train import TrainSettings
 
     config_hints, settings_hints = _field_hints(CaSCLAConfig), _field_hints(TrainSettings)
@@ -210,7 +211,7 @@ def _check_value(name: str, value, where: str, base_config: dict, preset: str) -
     try:
         if name in config_hints:
             values = dict(num_classes=2, class_prior=(0.5, 0.5), **{**base_config, name: value})
-            CaSCLAConfig(**values) if preset == "paper" else getattr(CaSCLAConfig, preset)(**values)
+            config_for(preset, **values)
         else:
             TrainSettings(**{name: value}).validate()
     except (ValueError, TypeError) as err:
@@ -500,10 +501,10 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
     """The Optuna objective: train one trial into ``trials/<number>/``, selecting
     (and scoring) on the hold-out, reporting each epoch to the pruner."""
     from . import train as train_module
-    from .config import CaSCLAConfig
+    from .presets import LEARNING_RATE, config_for
 
     threads = 1 if setup.device == "cpu" else None
-    lr_default = 1e-4 if setup.preset == "paper" else 1e-3
+    lr_default = LEARNING_RATE[setup.preset]
     modalities = tuple(setup.fixed_config.get("modalities") or
                        [m for m in ("t", "a", "v") if m in corpus.input_dims])
     missing = [m for m in modalities if m not in corpus.input_dims]
@@ -522,8 +523,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
         trial.set_user_attr("pid", os.getpid())
         try:
             values = {**setup.fixed_config, **config_over, **data_fields}
-            config = (CaSCLAConfig(**values) if setup.preset == "paper"
-                      else getattr(CaSCLAConfig, setup.preset)(**values))
+            config = config_for(setup.preset, **values)
             settings = train_module.TrainSettings(**{
                 "lr": lr_default, **setup.fixed_settings, **settings_over, "epochs": setup.epochs,
                 "seed": setup.seed, "device": setup.device, "progress": False, "select_split": "holdout",
