@@ -187,6 +187,8 @@ def _add_media_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
                         "torch hub cache); nothing is downloaded")
     g.add_argument("--visual-frames", type=_positive_int, default=None,
                    help="frames sampled per clip (default: 8 for densenet121, 16 for r3d_18)")
+    g.add_argument("--visual-size", type=_positive_int, default=None, metavar="PIXELS",
+                   help="side the frames are resized to (default: 224 for densenet121, 112 for r3d_18)")
     g.add_argument("--media-workers", type=_positive_int, default=1, help="clips processed in parallel")
 
 
@@ -207,7 +209,7 @@ def _media_options(args, stored: dict | None) -> dict:
         audio = audio if "a" in mods else None
         visual = visual if "v" in mods else None
     return {**out, "audio": audio, "visual": visual, "visual_frames": args.visual_frames,
-            "media_workers": args.media_workers}
+            "visual_size": args.visual_size, "media_workers": args.media_workers}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -744,6 +746,9 @@ def _predict(args) -> int:
         raise CLIError(f"cascla predict: the checkpoint was trained on {data.get('dataset')} features "
                        "that cannot be extracted from text; predict needs a model trained on text "
                        "(meld, iemocap or jsonl)")
+    if args.media_dir is not None:
+        raise CLIError("cascla predict: --media-dir is for meld and iemocap; a JSON Lines file names each "
+                       'utterance\'s clips ("audio", "video"; docs/data-formats.md)')
     raw = read_jsonl_file(args.input, label_names=model.label_names)
     dialogues = [d for s in ("train", "val", "test") for d in raw.splits.get(s, [])]
     if not dialogues:

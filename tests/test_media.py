@@ -375,6 +375,25 @@ def test_iemocap_media_layout_matches_transcript(tmp_path):
     assert np.abs(frames.reshape(2, -1, 3).mean(1) - COLOURS[0]).max() < 25
 
 
+def test_iemocap_audio_and_3d_visual_features(tmp_path):
+    # the paper's IEMOCAP setting: a 3-D CNN over each utterance's span of the dialogue video
+    from cascla_ext.data import FeatureOptions, load_dataset
+
+    data, root = _iemocap(tmp_path)
+    weights = random_weights(tmp_path / "r3d.pth", "r3d_18")
+    options = FeatureOptions(audio="IS10", visual="r3d_18", visual_weights=str(weights), visual_frames=4,
+                             visual_size=32, use_cache=False, progress=False)
+    corpus = load_dataset("iemocap", data_dir=str(data), features=options, media_dir=str(root))
+    assert corpus.input_dims == {"t": 384, "a": 1582, "v": 512}
+    d = corpus.split("train")[0]
+    assert d.features["a"].any(axis=1).all() and d.features["v"].any(axis=1).all()
+    # three utterances, three spans of different colours: three different visual vectors
+    assert len({tuple(np.round(v, 4)) for v in d.features["v"]}) == 3
+    assert not corpus.split("test")[0].features["a"].any()  # no transcript: zeros, counted
+    assert [line.split(": ", 2)[2].split(";")[0] for line in options.media_report] == \
+        ["features for 3 of 4 utterances"] * 2
+
+
 def test_jsonl_media_paths(tmp_path):
     from cascla_ext.data.jsonl import read_jsonl_file
 
@@ -430,7 +449,7 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     cache, run = tmp_path / "cache", tmp_path / "run"
     common = ["--cache-dir", str(cache), "--quiet"]
     rc = main(["train", "--dataset", "meld", "--data-dir", str(data), "--media-dir", str(clips), "--out", str(run),
-               "--modalities", "t,a,v", "--visual-weights", str(densenet_weights), "--visual-frames", "2",
+               "--modalities", "t,a,v", "--visual-weights", str(densenet_weights), "--visual-frames", "2", "--visual-size", "64",
                "--epochs", "2", "--batch-size", "2", "--preset", "small", *common])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -443,7 +462,8 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     assert model.config.input_dims["a"] == 88 and model.config.input_dims["v"] == 1024
     features = extra["data"]["features"]
     assert features["audio"] == "eGeMAPSv02" and features["audio_sample_rate"] == 16000
-    assert features["visual"] == "densenet121" and features["visual_frames"] == 2
+    assert features["visual"] == "densenet121"
+    assert features["visual_frames"] == 2 and features["visual_size"] == 64
     assert features["visual_weights"] == str(densenet_weights.resolve())
     assert len(features["visual_weights_sha256"]) == 64
     assert extra["data"]["reader_options"]["media_dir"] == str(clips.resolve())
@@ -478,6 +498,10 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     assert rc == 0, err
     assert len(out.strip().splitlines()) == 2
     assert "audio" in err and "features for 1 of 2 utterances" in err
+    rc = main(["predict", "--checkpoint", str(run / "model.pt"), "--input", str(tmp_path / "in.jsonl"),
+               "--media-dir", str(clips), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--media-dir is for meld and iemocap" in err
 
 
 def test_cli_media_errors_are_one_line(tmp_path, capsys):

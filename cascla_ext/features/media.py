@@ -105,11 +105,25 @@ class MediaResult:
         return line
 
 
+_SHA_MEMO: dict[tuple, str] = {}
+_SHA_LOCK = threading.Lock()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes (remembered per path, size and mtime for the
+    process: the audio and the visual pass read a MELD clip once, not twice)."""
+    st = os.stat(path)
+    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _SHA_LOCK:
+        known = _SHA_MEMO.get(stamp)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+    with _SHA_LOCK:
+        _SHA_MEMO[stamp] = h.hexdigest()
     return h.hexdigest()
 
 
