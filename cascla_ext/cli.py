@@ -192,6 +192,10 @@ def _add_media_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
     g.add_argument("--media-workers", type=_positive_int, default=1, help="clips processed in parallel")
 
 
+#: The datasets whose utterances can name media (docs/data-formats.md).
+_MEDIA_DATASETS = ("meld", "iemocap", "jsonl")
+
+
 def _media_options(args, stored: dict | None) -> dict:
     """FeatureOptions overrides for the media extractors. Training: audio when
     --media-dir is given or --modalities names a; visual with --visual-weights
@@ -199,6 +203,10 @@ def _media_options(args, stored: dict | None) -> dict:
     out = {"visual_weights": args.visual_weights}
     if stored is not None:
         return out
+    if getattr(args, "dataset", None) not in _MEDIA_DATASETS:
+        # synthetic and cosmic bring their own audio and visual features:
+        # extractors only where asked for by name
+        return {**out, "audio": args.audio_features, "visual": args.visual_model}
     mods = getattr(args, "modalities", None)
     audio, visual = args.audio_features, args.visual_model
     if audio is None and ((mods and "a" in mods) or (mods is None and args.media_dir)):
@@ -411,6 +419,10 @@ def _reader_options(args, stored: dict | None = None) -> dict:
     if args.media_dir is not None:
         from pathlib import Path
 
+        if getattr(args, "dataset", None) not in (None, "meld", "iemocap"):
+            raise CLIError(f"cascla: --media-dir is for meld and iemocap (their released layouts), not "
+                           f"{args.dataset}" + ('; a JSON Lines file names each utterance\'s clips ("audio", '
+                                                '"video")' if args.dataset == "jsonl" else ""))
         out["media_dir"] = str(Path(args.media_dir).expanduser().resolve())
     return out
 

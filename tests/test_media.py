@@ -521,3 +521,24 @@ def test_cli_media_errors_are_one_line(tmp_path, capsys):
                "--quiet", "--no-cache"])
     err = capsys.readouterr().err
     assert rc == 2 and "no.pth does not exist" in err and "--visual-weights PATH" in err and err.count("\n") == 1
+    rc = main(["train", "--dataset", "jsonl", "--data-dir", str(data), "--media-dir", str(clips), "--out",
+               str(tmp_path / "run"), "--quiet", "--no-cache"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--media-dir is for meld and iemocap" in err and '"audio", "video"' in err
+
+
+def test_synthetic_with_all_modalities_needs_no_media_extractor(tmp_path):
+    # the built-in corpus has its own audio and visual features: --modalities t,a,v extracts nothing
+    import os
+    import sys
+
+    code = (f"import sys; from cascla_ext.cli import main; "
+            f"rc = main(['train', '--dataset', 'synthetic', '--modalities', 't,a,v', '--epochs', '1', '--out', "
+            f"{str(tmp_path / 'run')!r}, '--quiet']); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith('cascla_ext.features')))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout
