@@ -449,8 +449,8 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     cache, run = tmp_path / "cache", tmp_path / "run"
     common = ["--cache-dir", str(cache), "--quiet"]
     rc = main(["train", "--dataset", "meld", "--data-dir", str(data), "--media-dir", str(clips), "--out", str(run),
-               "--modalities", "t,a,v", "--visual-weights", str(densenet_weights), "--visual-frames", "2", "--visual-size", "64",
-               "--epochs", "2", "--batch-size", "2", "--preset", "small", *common])
+               "--modalities", "t,a,v", "--visual-weights", str(densenet_weights), "--visual-frames", "2",
+               "--visual-size", "64", "--epochs", "2", "--batch-size", "2", "--preset", "small", *common])
     out, err = capsys.readouterr()
     assert rc == 0, err
     summary = "features for 14 of 17 utterances; 3 given zero features (1 unreadable, 2 file not found)"
