@@ -173,6 +173,17 @@ def test_read_frames_samples_evenly_and_spans(media):
         read_frames(Clip(str(media["silent_video"]), 50.0, 60.0), 2)
 
 
+def test_read_frames_holds_few_frames_of_a_long_clip(tmp_path, monkeypatch):
+    import cascla_ext.features.media as M
+
+    path = write_video(tmp_path / "long.mp4", frames_per_colour=25)  # 100 frames, 25 of each colour
+    full = read_frames(path, 4)
+    monkeypatch.setattr(M, "KEPT_FRAMES", 4)  # hold at most 8: the clip is thinned to every 16th frame
+    thin = read_frames(path, 4)
+    for frames in (full, thin):
+        assert np.abs(frames.reshape(4, -1, 3).mean(1) - np.array(COLOURS)).max() < 25
+
+
 # --------------------------------------------------------------------------- audio features
 
 @needs_espeak

@@ -34,6 +34,8 @@ __all__ = ["Clip", "ClipExtractor", "MediaError", "MediaFailure", "MediaResult",
            "extract_clips", "file_sha256", "read_frames"]
 
 NOT_FOUND = "file not found"
+#: Decoded frames ``read_frames`` holds at most (at least twice the frames asked for).
+KEPT_FRAMES = 64
 
 
 class MediaError(ValueError):
@@ -199,11 +201,16 @@ def read_frames(clip: Clip | str | os.PathLike, n: int) -> np.ndarray:
 
     Frames are picked at evenly spaced positions (``linspace`` over the decoded
     frames, first and last included); a clip with fewer frames repeats some.
+    Memory stays bounded on long clips: at most ``max(KEPT_FRAMES, 2 n)``
+    decoded frames are held; when that many are, every other one is dropped
+    and from then on only every other frame is kept (the kept ones stay evenly
+    spaced), so the picks come from an even subsample of a long clip.
     Raises MediaError for a missing or unreadable file, no video track, or no frames.
     """
     clip = as_clip(clip)
     av = _av()
-    frames = []
+    frames: list = []
+    cap, stride, seen = max(KEPT_FRAMES, 2 * n), 1, 0
     with _first_stream(clip, "video") as (container, stream):
         stream.thread_type = "AUTO"
         try:
@@ -216,7 +223,11 @@ def read_frames(clip: Clip | str | os.PathLike, n: int) -> np.ndarray:
                     continue
                 if clip.end is not None and t is not None and t >= clip.end:
                     break
-                frames.append(frame)
+                if seen % stride == 0:
+                    frames.append(frame)
+                    if len(frames) >= cap:
+                        frames, stride = frames[::2], stride * 2
+                seen += 1
         except (av.FFmpegError, ValueError) as err:
             if not frames:
                 raise MediaError(f"video decoding failed ({_reason(err)})") from None
