@@ -289,6 +289,8 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
         missing = next(d.id for d in dialogues if d.clues is None)
         raise DataError(f"{name}: dialogue {missing} has no clues, but the model was trained on the "
                         "data's own clues")
+    # media first: a missing weight file or media folder fails before minutes of text encoding
+    media = _extract_media(dialogues, options, name)
     base = tuned = None
     if need_text or kind == "atomic":
         base, tuned = _load_encoder(options, raw)
@@ -297,8 +299,6 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
     # text features when they come from it.
     reuse = text if (text is not None and tuned is base) else None
     clues = _extract_clues(kind, base, texts, options, reuse) if kind in ("atomic", "comet") else None
-
-    media = _extract_media(dialogues, options, name)
 
     index = {name_: k for k, name_ in enumerate(label_names)}
     out, start = [], 0
