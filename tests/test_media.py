@@ -215,6 +215,14 @@ def test_audio_unusable_clips_get_zero_rows_and_a_count(media):
     assert "5 given zero features (3 unreadable, 1 file not found, 1 without a clip)" in line
 
 
+def test_audio_full_scale_samples_are_clipped_not_wrapped():
+    # openSMILE gets int16 samples: 1.2 must become 32767, not wrap to a negative value
+    extractor = AudioExtractor(progress=False)
+    loud = tone(0.8) * 4.0  # peaks near 1.8
+    clipped = np.clip(loud, -1.0, 32767 / 32768)
+    np.testing.assert_array_equal(extractor.from_signal(loud), extractor.from_signal(clipped))
+
+
 def test_audio_rejects_unknown_feature_set():
     with pytest.raises(ValueError, match="eGeMAPSv02"):
         AudioExtractor("GeMAPS_v9")

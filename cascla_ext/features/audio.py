@@ -109,7 +109,9 @@ class AudioExtractor(ClipExtractor):
 
     def from_signal(self, signal: np.ndarray) -> np.ndarray:
         """(dim,) float32 functionals of a mono signal at ``sample_rate``."""
-        signal = np.ascontiguousarray(signal, dtype=np.float32).reshape(1, -1)
+        # opensmile feeds openSMILE 16-bit samples (x * 32768 cast to int16): clip first, or a
+        # full-scale peak (AAC overshoots) wraps around to the opposite sign
+        signal = np.clip(np.asarray(signal, dtype=np.float32).reshape(1, -1), -1.0, 32767 / 32768)
         try:
             frame = self._smile().process_signal(signal, self.sample_rate)
         except Exception as err:  # openSMILE's own errors (e.g. a clip shorter than one frame)
