@@ -10,6 +10,7 @@ import json
 import pickle
 import shutil
 import subprocess
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,18 @@ def media(tmp_path_factory) -> dict[str, Path]:
     out["tone_video"] = write_video(d / "tone.mp4", colours=COLOURS[:2], audio=tone())
     (d / "empty.mp4").write_bytes(b"")
     out["empty"] = d / "empty.mp4"
+    with wave.open(str(d / "zero.wav"), "wb") as w:  # a valid header, no samples
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(b"")
+    out["zero_wav"] = d / "zero.wav"
+    with av.open(str(d / "zero.mp4"), "w") as zero:  # video and audio streams declared, nothing encoded
+        v = zero.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        zero.add_stream("aac", rate=RATE, layout="mono")
+        zero.start_encoding()
+    out["zero_mp4"] = d / "zero.mp4"
     (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     out["corrupt"] = d / "corrupt.mp4"
     out["missing"] = d / "missing.mp4"
@@ -152,12 +165,14 @@ def test_decode_wav_flac_and_video_audio_track_agree(media):
 
 def test_decode_errors_are_media_errors(media):
     cases = {"silent_video": "no audio track", "empty": "empty file", "corrupt": "not a readable media file",
-             "missing": "file not found"}
+             "missing": "file not found", "zero_wav": r"no audio samples \(zero length\)",
+             "zero_mp4": "no audio track"}
     for name, reason in cases.items():
         with pytest.raises(MediaError, match=reason):
             decode_audio(media[name], RATE)
-    with pytest.raises(MediaError, match="no video track"):
-        read_frames(media["flac"], 4)
+    for name, reason in (("flac", "no video track"), ("zero_mp4", "no video track"), ("empty", "empty file")):
+        with pytest.raises(MediaError, match=reason):
+            read_frames(media[name], 4)
 
 
 def test_read_frames_samples_evenly_and_spans(media):
@@ -203,16 +218,17 @@ def test_audio_features_shape_and_determinism(media, feature_set, dim):
 
 
 def test_audio_unusable_clips_get_zero_rows_and_a_count(media):
-    clips = [media["tone_video"], media["silent_video"], media["empty"], media["corrupt"], media["missing"], None]
+    clips = [media["tone_video"], media["silent_video"], media["empty"], media["corrupt"], media["missing"], None,
+             media["zero_wav"], media["zero_mp4"]]
     result = AudioExtractor(progress=False).extract(clips)
-    assert result.features.shape == (6, 88)
+    assert result.features.shape == (8, 88)
     assert np.abs(result.features[0]).sum() > 0
     assert not result.features[1:].any()
-    assert [f.index for f in result.failures] == [1, 2, 3, 4] and result.missing == 1 and result.ok == 1
+    assert [f.index for f in result.failures] == [1, 2, 3, 4, 6, 7] and result.missing == 1 and result.ok == 1
     assert result.failures[0].reason == "no audio track"
     line = result.summary("audio")
-    assert "features for 1 of 6 utterances" in line
-    assert "5 given zero features (3 unreadable, 1 file not found, 1 without a clip)" in line
+    assert "features for 1 of 8 utterances" in line
+    assert "7 given zero features (5 unreadable, 1 file not found, 1 without a clip)" in line
 
 
 def test_audio_full_scale_samples_are_clipped_not_wrapped():
