@@ -510,6 +510,7 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     assert rc == 0, err
     assert json.loads(out)["n"] == 4
     assert len(list(cache.rglob("*.npy"))) == n_cached
+    assert [line.rsplit("; ", 1)[1] for line in err.strip().splitlines()] == ["14 from the cache"] * 2
 
     # other weights than the checkpoint's: refused in one line
     other = random_weights(tmp_path / "other.pth", "densenet121")

@@ -39,7 +39,7 @@ KEPT_FRAMES = 64
 
 
 class MediaError(ValueError):
-    """One clip could not be used; the message names the file and the reason."""
+    """One clip could not be used; the message is the reason (the failure record names the clip)."""
 
 
 def _av():
@@ -48,7 +48,7 @@ def _av():
 
 @dataclass(frozen=True)
 class Clip:
-    """A media file, or the span [start, end] seconds of one (IEMOCAP's dialogue videos)."""
+    """A media file, or the span [start, end) in seconds of one (IEMOCAP's dialogue videos)."""
 
     path: str
     start: float | None = None
@@ -104,6 +104,8 @@ class MediaResult:
             if self.failures:
                 first = self.failures[0]
                 line += f"; first: {first.clip}: {first.reason}"
+        if self.cache_hits:
+            line += f"; {self.cache_hits} from the cache"
         return line
 
 
@@ -174,7 +176,7 @@ def decode_audio(clip: Clip | str | os.PathLike, sample_rate: int) -> np.ndarray
             for frame in container.decode(stream):
                 chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-        except (av.FFmpegError, ValueError) as err:
+        except (av.FFmpegError, OSError, ValueError) as err:
             raise MediaError(f"audio decoding failed ({_reason(err)})") from None
     x = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if clip.start is not None or clip.end is not None:
@@ -228,7 +230,7 @@ def read_frames(clip: Clip | str | os.PathLike, n: int) -> np.ndarray:
                     if len(frames) >= cap:
                         frames, stride = frames[::2], stride * 2
                 seen += 1
-        except (av.FFmpegError, ValueError) as err:
+        except (av.FFmpegError, OSError, ValueError) as err:
             if not frames:
                 raise MediaError(f"video decoding failed ({_reason(err)})") from None
             # a damaged tail: use the frames decoded before it
