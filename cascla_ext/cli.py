@@ -657,7 +657,7 @@ _FEATURE_FIELDS = {
     "finetune_encoder": (bool,), "finetune_epochs": (int,), "finetune_dir": (str, type(None)),
     "audio": (str, type(None)), "audio_sample_rate": (int,), "visual": (str, type(None)),
     "visual_weights": (str, type(None)), "visual_weights_sha256": (str, type(None)),
-    "visual_frames": (int, type(None)), "visual_size": (int, type(None)),
+    "visual_frames": (int, type(None)), "visual_size": (int, type(None)), "media_extractors": (dict, type(None)),
 }
 
 

@@ -502,6 +502,8 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     assert features["visual_weights"] == str(densenet_weights.resolve())
     assert len(features["visual_weights_sha256"]) == 64
     assert extra["data"]["reader_options"]["media_dir"] == str(clips.resolve())
+    assert features["media_extractors"]["a"].startswith("opensmile-eGeMAPSv02-")
+    assert features["media_extractors"]["v"].startswith("densenet121-")
 
     # evaluate rebuilds the same features from the cache (same extractor fingerprints)
     n_cached = len(list(cache.rglob("*.npy")))
@@ -511,6 +513,16 @@ def test_cli_train_evaluate_predict_with_audio_and_visual(tmp_path, densenet_wei
     assert json.loads(out)["n"] == 4
     assert len(list(cache.rglob("*.npy"))) == n_cached
     assert [line.rsplit("; ", 1)[1] for line in err.strip().splitlines()] == ["14 from the cache"] * 2
+
+    # a checkpoint whose audio came from another extractor build: rebuilt, with a warning naming both
+    state = torch.load(run / "model.pt", weights_only=False)
+    state["data"]["features"]["media_extractors"]["a"] = "opensmile-eGeMAPSv02-0000000000000000"
+    torch.save(state, tmp_path / "older.pt")
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "older.pt"), "--split", "test", "--json", *common])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "warning: the audio features are rebuilt with opensmile-eGeMAPSv02-" in err
+    assert "trained on opensmile-eGeMAPSv02-0000000000000000's" in err
 
     # other weights than the checkpoint's: refused in one line
     other = random_weights(tmp_path / "other.pth", "densenet121")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import CLUE_RELATIONS, Dialogue
+from .batch import CLUE_RELATIONS, MODALITY_NAMES, Dialogue
 from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
 __all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
@@ -25,7 +25,7 @@ __all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"
 CLUE_KINDS = ("auto", "atomic", "comet", "none")
 #: The FeatureOptions fields of the media extractors that a checkpoint records.
 MEDIA_SETTINGS = ("audio", "audio_sample_rate", "visual", "visual_weights", "visual_weights_sha256",
-                  "visual_frames", "visual_size")
+                  "visual_frames", "visual_size", "media_extractors")
 
 
 @dataclass
@@ -56,6 +56,9 @@ class FeatureOptions:
         ``visual_frames``, ``visual_size``: frames per clip and their side
         (None: the backbone's defaults). ``visual_weights_sha256`` is filled
         in at extraction; a checkpoint's value must match the file found later.
+        ``media_extractors``: modality -> the fingerprint of the extractor that
+        made its features (filled in at extraction; library versions
+        included); a rebuild with another one says so on stderr.
     media_workers: clips decoded and processed in parallel (threads).
     media_report: filled in by extraction: one summary line per modality.
 
@@ -84,6 +87,7 @@ class FeatureOptions:
     visual_weights_sha256: str | None = None
     visual_frames: int | None = None
     visual_size: int | None = None
+    media_extractors: dict | None = None
     media_workers: int = 1
     media_report: list = dataclasses.field(default_factory=list)
 
@@ -262,6 +266,13 @@ def _extract_media(dialogues: list[RawDialogue], options: FeatureOptions, name: 
         todo.append((m, key, what))
     # every extractor first: a missing or wrong weight file stops the run before any extraction
     extractors = {m: _media_extractor(m, options) for m, _, _ in todo}
+    recorded = dict(options.media_extractors or {})
+    for m, extractor in extractors.items():
+        if not options.may_finetune and recorded.get(m) not in (None, extractor.fingerprint):
+            print(f"{name}: warning: the {MODALITY_NAMES[m]} features are rebuilt with {extractor.fingerprint}, "
+                  f"the model was trained on {recorded[m]}'s (another library version?)", file=sys.stderr)
+        recorded[m] = extractor.fingerprint
+    options.media_extractors = recorded or None
     out = {}
     for m, key, what in todo:
         extractor = extractors[m]
