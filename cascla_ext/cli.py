@@ -158,10 +158,68 @@ def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None
     g.add_argument("--unsafe-pickle", action="store_true",
                    help="iemocap/cosmic pickles: load with plain pickle, which can run code from the file "
                         "(only for a file you trust that the data-only reader refuses; never recorded)")
+    _add_media_args(p, for_training=for_training)
     if for_training:
         g.add_argument("--finetune-encoder", action="store_true",
                        help="fine-tune the encoder on the training split's labels before extracting")
         g.add_argument("--finetune-epochs", type=_positive_int, default=1, help="epochs of encoder fine-tuning")
+
+
+def _add_media_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
+    """Audio and visual features from raw media (the [media] extra; docs/data-formats.md)."""
+    g = p.add_argument_group("audio and visual features from media (needs the [media] extra)")
+    g.add_argument("--media-dir", default=None, metavar="DIR",
+                   help="meld: the released clip folders (train_splits/dia0_utt0.mp4, ...); iemocap: "
+                        "IEMOCAP_full_release (Session1/, ...); jsonl files name their clips per utterance")
+    if not for_training:
+        g.add_argument("--visual-weights", default=None, metavar="PATH",
+                       help="where the visual CNN's weight file is now (default: where the checkpoint "
+                            "recorded it; it must be the same file)")
+        return
+    g.add_argument("--audio-features", default=None, metavar="SET",
+                   help="openSMILE feature set: eGeMAPSv02 (88), ComParE_2016 (6373), IS10 (1582, MELD's "
+                        "baselines), IS09 (384), emobase (988) (default: eGeMAPSv02 when audio is extracted: "
+                        "with --media-dir, or when --modalities names a)")
+    g.add_argument("--visual-model", default=None, metavar="CNN",
+                   help="densenet121 (2-D, per frame, mean-pooled: the paper's MELD setting) or r3d_18 "
+                        "(3-D: the paper's IEMOCAP setting) (default: densenet121 when visual features are "
+                        "extracted: with --visual-weights, or when --modalities names v)")
+    g.add_argument("--visual-weights", default=None, metavar="PATH",
+                   help="the CNN's weight file (a torch state dict; default: torchvision's file in the local "
+                        "torch hub cache); nothing is downloaded")
+    g.add_argument("--visual-frames", type=_positive_int, default=None,
+                   help="frames sampled per clip (default: 8 for densenet121, 16 for r3d_18)")
+    g.add_argument("--visual-size", type=_positive_int, default=None, metavar="PIXELS",
+                   help="side the frames are resized to (default: 224 for densenet121, 112 for r3d_18)")
+    g.add_argument("--media-workers", type=_positive_int, default=1, help="clips processed in parallel")
+
+
+#: The datasets whose utterances can name media (docs/data-formats.md).
+_MEDIA_DATASETS = ("meld", "iemocap", "jsonl")
+
+
+def _media_options(args, stored: dict | None) -> dict:
+    """FeatureOptions overrides for the media extractors. Training: audio when
+    --media-dir is given or --modalities names a; visual with --visual-weights
+    or when --modalities names v. Otherwise what the checkpoint recorded."""
+    out = {"visual_weights": args.visual_weights}
+    if stored is not None:
+        return out
+    if getattr(args, "dataset", None) not in _MEDIA_DATASETS:
+        # synthetic and cosmic bring their own audio and visual features:
+        # extractors only where asked for by name
+        return {**out, "audio": args.audio_features, "visual": args.visual_model}
+    mods = getattr(args, "modalities", None)
+    audio, visual = args.audio_features, args.visual_model
+    if audio is None and ((mods and "a" in mods) or (mods is None and args.media_dir)):
+        audio = "eGeMAPSv02"
+    if visual is None and ((mods and "v" in mods) or (mods is None and args.visual_weights)):
+        visual = "densenet121"
+    if mods is not None:  # --modalities t,a: no visual features extracted even with --visual-weights
+        audio = audio if "a" in mods else None
+        visual = visual if "v" in mods else None
+    return {**out, "audio": audio, "visual": visual, "visual_frames": args.visual_frames,
+            "visual_size": args.visual_size, "media_workers": args.media_workers}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,7 +396,8 @@ def _feature_options(args, stored: dict | None = None):
     from .data import FeatureOptions
 
     overrides = dict(encoder=args.encoder, clues=args.clues, atomic_dir=args.atomic_dir, comet=args.comet,
-                     cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+                     cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
+                     **_media_options(args, stored))
     if getattr(args, "finetune_encoder", False):
         overrides.update(finetune_encoder=True, finetune_epochs=args.finetune_epochs)
     if stored is not None:
@@ -361,6 +420,14 @@ def _reader_options(args, stored: dict | None = None) -> dict:
     out = {k: v for k, v in (stored or {}).get("reader_options", {}).items() if k != "unsafe_pickle"}
     if args.text_layers is not None:
         out["text_layers"] = args.text_layers
+    if args.media_dir is not None:
+        from pathlib import Path
+
+        if getattr(args, "dataset", None) not in (None, "meld", "iemocap"):
+            raise CLIError(f"cascla: --media-dir is for meld and iemocap (their released layouts), not "
+                           f"{args.dataset}" + ('; a JSON Lines file names each utterance\'s clips ("audio", '
+                                                '"video")' if args.dataset == "jsonl" else ""))
+        out["media_dir"] = str(Path(args.media_dir).expanduser().resolve())
     return out
 
 
@@ -614,6 +681,9 @@ _DATA_FIELDS = {
 _FEATURE_FIELDS = {
     "encoder": (str, type(None)), "clues": (str,), "atomic_dir": (str, type(None)), "comet": (str, type(None)),
     "finetune_encoder": (bool,), "finetune_epochs": (int,), "finetune_dir": (str, type(None)),
+    "audio": (str, type(None)), "audio_sample_rate": (int,), "visual": (str, type(None)),
+    "visual_weights": (str, type(None)), "visual_weights_sha256": (str, type(None)),
+    "visual_frames": (int, type(None)), "visual_size": (int, type(None)), "media_extractors": (dict, type(None)),
 }
 
 
@@ -714,6 +784,9 @@ def _predict(args) -> int:
         raise CLIError(f"cascla predict: the checkpoint was trained on {data.get('dataset')} features "
                        "that cannot be extracted from text; predict needs a model trained on text "
                        "(meld, iemocap or jsonl)")
+    if args.media_dir is not None:
+        raise CLIError("cascla predict: --media-dir is for meld and iemocap; a JSON Lines file names each "
+                       'utterance\'s clips ("audio", "video"; docs/data-formats.md)')
     raw = read_jsonl_file(args.input, label_names=model.label_names)
     dialogues = [d for s in ("train", "val", "test") for d in raw.splits.get(s, [])]
     if not dialogues:

@@ -205,6 +205,27 @@ def test_cli_without_the_extra_says_so_in_one_line(tmp_path):
     assert "cascla_ext.features" in lines[0]
 
 
+def test_media_without_its_extra_says_so_in_one_line(tmp_path):
+    # --media-dir asks for audio features; with opensmile absent the CLI names the [media] extra.
+    pytest.importorskip("transformers", reason="the erc extra (transformers) is not installed")
+    data = tmp_path / "meld"
+    data.mkdir()
+    (data / "train_sent_emo.csv").write_text("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\n"
+                                             "Hi,A,joy,0,0\nBye,B,anger,0,1\n")
+    (tmp_path / "clips" / "train_splits").mkdir(parents=True)
+    proc = _python(f"""
+        import sys
+        sys.modules['opensmile'] = None
+        from cascla_ext.cli import main
+        sys.exit(main(['train', '--dataset', 'meld', '--data-dir', {str(data)!r}, '--media-dir',
+                       {str(tmp_path / 'clips')!r}, '--out', {str(tmp_path / 'run')!r}, '--quiet', '--no-cache']))
+    """)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "audio features (cascla_ext.features.audio) needs the [media] extra: pip install 'cascla-ext[media]'" \
+        in lines[0], lines[0]
+
+
 # --- metadata: dependencies, extras, version label -------------------------------------------------
 
 
@@ -221,6 +242,7 @@ def test_core_dependencies_are_torch_and_numpy_and_the_pipeline_is_the_erc_extra
     extras = project["optional-dependencies"]
     assert {_name(r) for r in extras["erc"]} == ERC_PACKAGES
     assert not {_name(r) for r in extras["test"]} & ERC_PACKAGES
+    assert {_name(r) for r in extras["media"]} == {"opensmile", "av", "torchvision", "tqdm"}
 
 
 @pytest.mark.parametrize("version, cuda, hip, label", [

@@ -596,7 +596,7 @@ def test_read_raw(tmp_path):
     f = tmp_path / "train_sent_emo.csv"
     write_csv(f, [meld_row(1, "a", "A", "joy", 0, 0)])
     raises(["meld", str(f), "not a directory"], read_raw, "meld", f)
-    raises(["unknown option text_layers", "it takes: none"], read_raw, "meld", tmp_path, text_layers="mean",
+    raises(["unknown option text_layers", "it takes: media_dir"], read_raw, "meld", tmp_path, text_layers="mean",
            exc=ValueError)
     assert read_raw("meld", str(tmp_path)).splits["train"][0].labels == ["joy"]
     assert issubclass(DataError, ValueError)

@@ -2,7 +2,7 @@
 # Set up a fresh machine from nothing but this repository: a virtual
 # environment (.venv) with torch (2.14.1 unless CASCLA_TORCH says another
 # version) and the build tools, then the package built against that torch with
-# the extras the CLI's real-data pipeline and the tests need (.[erc,tune,test]).
+# the extras the CLI's real-data pipeline and the tests need (.[erc,tune,test,media]).
 # CUDA kernels are compiled when a CUDA toolkit is found; CASCLA_CUDA=on makes
 # that mandatory, off skips it. Safe to run again.
 #
@@ -25,6 +25,6 @@ echo "== venv ($VENV) with torch $TORCH"
 echo "== build (CUDA kernels: ${CASCLA_CUDA:-auto})"
 start=$(date +%s)
 # the wheel pins torch==<the torch above>, so this never swaps torch
-"$VENV/bin/python" -m pip install -q --no-build-isolation ".[erc,tune,test]"
+"$VENV/bin/python" -m pip install -q --no-build-isolation ".[erc,tune,test,media]"
 echo "built in $(( $(date +%s) - start )) s"
 "$VENV/bin/python" -c 'import cascla_ext, json; print(json.dumps(cascla_ext.build_info(), indent=1))'

@@ -96,7 +96,8 @@ def _utterances(value: Any, what: str, where: str) -> list:
         raise DataError(f"{where}: {what} should be a list, got {type(value).__name__}") from None
 
 
-def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False) -> RawCorpus:
+def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False,
+                 media_dir: str | Path | None = None) -> RawCorpus:
     """Read COSMIC's IEMOCAP text pickle: ``data_dir/iemocap.pkl``, or ``data_dir`` itself if it is a file.
 
     Splits: ``trainIds`` -> "train", ``validIds`` -> "val", ``testIds`` ->
@@ -113,6 +114,12 @@ def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False) -> RawCor
     The pickle is read as data only (``load_pickle``); ``unsafe_pickle=True``
     uses plain ``pickle.load``, which runs any code the file names: only for
     a file you trust.
+
+    media_dir: ``IEMOCAP_full_release`` (its ``Session1/`` ... folders): each
+    utterance is matched to its transcript line (speaker and text, in order;
+    ``cascla_ext.data.media.iemocap_media``), which names its sentence .wav
+    (``meta["audio"]``) and its span of the dialogue's .avi (``meta["video"]``);
+    unmatched utterances get None clips (zero features later).
     """
     data_dir = Path(data_dir)
     path = data_dir if data_dir.is_file() else data_dir / IEMOCAP_FILE
@@ -165,4 +172,10 @@ def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False) -> RawCor
             ))
     if not seen:
         raise DataError(f"{path}: trainIds, validIds and testIds are all empty")
+    if media_dir is not None:
+        from .media import iemocap_media
+
+        for d in (d for ds in splits.values() for d in ds):
+            d.meta["audio"], d.meta["video"], d.meta["utterance_ids"] = iemocap_media(
+                media_dir, d.id, d.speakers, d.texts)
     return RawCorpus(name="iemocap", label_names=list(IEMOCAP_LABELS), splits=splits, source=str(path))

@@ -5,7 +5,9 @@ One dialogue per line::
     {"id": "d1", "utterances": [{"speaker": "A", "text": "Hi!", "label": "joy"},
                                 {"speaker": "B", "text": "Hello."}]}
 
-``label`` is optional (missing or null: unknown); a line may carry
+``label`` is optional (missing or null: unknown); so are ``audio`` and
+``video``, paths of the utterance's media files (relative to the file's
+folder), from which audio and visual features are extracted; a line may carry
 ``"split": "train" | "val" | "test"``. A directory holds ``train.jsonl``,
 ``val.jsonl``, ``test.jsonl`` (any of them) and optionally ``labels.json``,
 a JSON list of label names that fixes their order. docs/data-formats.md has
@@ -55,6 +57,7 @@ def _parse_line(obj: Any, where: str) -> tuple[RawDialogue, str | None]:
     if not utts:
         raise DataError(f"{where}: no utterances (empty dialogue)")
     texts, speakers, labels = [], [], []
+    media: dict[str, list] = {"audio": [], "video": []}
     for j, u in enumerate(utts):
         at = f"{where}, utterance {j}"
         if not isinstance(u, dict):
@@ -70,6 +73,11 @@ def _parse_line(obj: Any, where: str) -> tuple[RawDialogue, str | None]:
             raise DataError(f'{at}: "speaker" must be a non-empty string, got {speaker!r}')
         if label is not None and (not isinstance(label, str) or not label):
             raise DataError(f'{at}: "label" must be a non-empty string or null, got {label!r}')
+        for key, clips in media.items():
+            clip = u.get(key)
+            if clip is not None and (not isinstance(clip, str) or not clip):
+                raise DataError(f'{at}: "{key}" must be a media file path (a string) or null, got {clip!r}')
+            clips.append(clip)
         texts.append(text)
         speakers.append(str(speaker))
         labels.append(label)
@@ -78,7 +86,8 @@ def _parse_line(obj: Any, where: str) -> tuple[RawDialogue, str | None]:
         if not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
             raise DataError(f'{where}: unknown "split" {split!r} (expected train, val or test)')
         split = SPLIT_ALIASES[split.lower()]
-    return RawDialogue(id=did, texts=texts, speakers=speakers, labels=labels), split
+    meta = {k: v for k, v in media.items() if any(c is not None for c in v)}
+    return RawDialogue(id=did, texts=texts, speakers=speakers, labels=labels, meta=meta), split
 
 
 def _read_lines(path: Path, default_split: str, fixed: bool) -> list[_Entry]:
@@ -110,7 +119,12 @@ def _read_lines(path: Path, default_split: str, fixed: bool) -> list[_Entry]:
         if split is not None and fixed and split != default_split:
             raise DataError(f'{where}: dialogue {dialogue.id!r} says "split": {obj["split"]!r}, but it is '
                             f"in {path.name}, the {default_split} file")
-        dialogue.meta = {"file": str(path), "line": number}
+        # media paths are relative to the file's folder; every dialogue lists
+        # its clips (None where it has none) so that audio and visual features
+        # can be extracted for any file, with zeros where a clip is absent
+        media = {k: [None if c is None else str((path.parent / Path(c).expanduser()).absolute()) for c in
+                     dialogue.meta.get(k, [None] * len(dialogue))] for k in ("audio", "video")}
+        dialogue.meta = {"file": str(path), "line": number, **media}
         out.append((split or default_split, dialogue, path, number))
     if not out:
         raise DataError(f"{path}: no dialogues (the file is empty)")

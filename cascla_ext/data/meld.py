@@ -184,7 +184,7 @@ def _read_meld_csv(path: Path, split: str) -> list[RawDialogue]:
     return out
 
 
-def read_meld(data_dir: str | Path) -> RawCorpus:
+def read_meld(data_dir: str | Path, media_dir: str | Path | None = None) -> RawCorpus:
     """Read MELD's official CSVs from ``data_dir``.
 
     ``train_sent_emo.csv`` -> split "train", ``dev_sent_emo.csv`` -> "val",
@@ -193,6 +193,11 @@ def read_meld(data_dir: str | Path) -> RawCorpus:
     ``meta`` keeps the utterance ids, the source line of each utterance, and
     the optional columns (sentiments, seasons, ...). Label names are
     ``MELD_LABELS`` in that order.
+
+    media_dir: MELD's clips as released (``train_splits/dia0_utt0.mp4``, ...;
+        ``cascla_ext.data.media``): each utterance's ``dia{D}_utt{U}.mp4`` is
+        attached as its audio and video clip (``meta["audio"]``, ``meta["video"]``);
+        a split without a clip folder gets None clips (zero features later).
 
     Raises DataError (naming the file and line) for no CSV present, missing
     columns, short rows, unknown emotions, non-integer ids and duplicate
@@ -211,4 +216,14 @@ def read_meld(data_dir: str | Path) -> RawCorpus:
             splits[MELD_FILES[name]] = _read_meld_csv(path, MELD_FILES[name])
     if not found:
         raise DataError(f"MELD: none of {', '.join(names)} in {data_dir}")
+    if media_dir is not None:
+        from .media import meld_media_folders
+
+        folders = meld_media_folders(media_dir, [s for s, d in splits.items() if d])
+        for split, dialogues in splits.items():
+            folder = folders.get(split)
+            for d in dialogues:
+                clips = [None if folder is None else str(folder / f"dia{d.meta['dialogue_id']}_utt{u}.mp4")
+                         for u in d.meta["utterance_ids"]]
+                d.meta["audio"], d.meta["video"] = clips, list(clips)
     return RawCorpus(name="meld", label_names=list(MELD_LABELS), splits=splits, source=str(data_dir))

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import CLUE_RELATIONS, Dialogue
+from .batch import CLUE_RELATIONS, MODALITY_NAMES, Dialogue
 from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
 __all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
 
 CLUE_KINDS = ("auto", "atomic", "comet", "none")
+#: The FeatureOptions fields of the media extractors that a checkpoint records.
+MEDIA_SETTINGS = ("audio", "audio_sample_rate", "visual", "visual_weights", "visual_weights_sha256",
+                  "visual_frames", "visual_size", "media_extractors")
 
 
 @dataclass
@@ -45,7 +48,21 @@ class FeatureOptions:
         from ``finetune_dir``; nothing is written there, and a missing one is
         an error that says how to rebuild it.
 
-    Local paths (``atomic_dir``, ``comet``, ``finetune_dir``, and ``encoder``
+    audio: an openSMILE feature set (``cascla_ext.features.audio``) to
+        extract audio features with from each utterance's clip; None: none.
+    visual: a CNN (``densenet121``, ``r3d_18``; ``cascla_ext.features.visual``)
+        for visual features; None: none. ``visual_weights``: its weight file
+        (None: torchvision's file in the local torch hub cache);
+        ``visual_frames``, ``visual_size``: frames per clip and their side
+        (None: the backbone's defaults). ``visual_weights_sha256`` is filled
+        in at extraction; a checkpoint's value must match the file found later.
+        ``media_extractors``: modality -> the fingerprint of the extractor that
+        made its features (filled in at extraction; library versions
+        included); a rebuild with another one says so on stderr.
+    media_workers: clips decoded and processed in parallel (threads).
+    media_report: filled in by extraction: one summary line per modality.
+
+    Local paths (``atomic_dir``, ``comet``, ``finetune_dir``, ``visual_weights``, and ``encoder``
     where it names an existing folder) are stored absolute, so a checkpoint
     that records them works from any directory.
     """
@@ -63,9 +80,19 @@ class FeatureOptions:
     batch_size: int = 64
     progress: bool = True
     may_finetune: bool = True
+    audio: str | None = None
+    audio_sample_rate: int = 16000
+    visual: str | None = None
+    visual_weights: str | None = None
+    visual_weights_sha256: str | None = None
+    visual_frames: int | None = None
+    visual_size: int | None = None
+    media_extractors: dict | None = None
+    media_workers: int = 1
+    media_report: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("atomic_dir", "comet", "finetune_dir"):
+        for name in ("atomic_dir", "comet", "finetune_dir", "visual_weights"):
             path = getattr(self, name)
             if path:
                 setattr(self, name, str(Path(path).expanduser().resolve()))
@@ -86,12 +113,26 @@ class FeatureOptions:
                 raise NotADirectoryError(f"{flag} {path} is not a directory")
         if self.finetune_epochs < 1:
             raise ValueError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
+        if self.audio is not None:
+            from ..features.audio import AUDIO_FEATURE_SETS
+
+            if self.audio not in AUDIO_FEATURE_SETS:
+                raise ValueError(f"--audio-features must be one of {', '.join(AUDIO_FEATURE_SETS)}, "
+                                 f"got {self.audio!r}")
+        if self.visual is not None:
+            from ..features.visual import VISUAL_BACKBONES
+
+            if self.visual not in VISUAL_BACKBONES:
+                raise ValueError(f"--visual-model must be one of {', '.join(VISUAL_BACKBONES)}, "
+                                 f"got {self.visual!r}")
+        if self.media_workers < 1:
+            raise ValueError(f"--media-workers must be >= 1, got {self.media_workers}")
 
     def to_dict(self) -> dict:
         """What a checkpoint keeps to rebuild the same features later (no
         machine-specific settings such as the device or the cache folder)."""
         keep = ("encoder", "clues", "atomic_dir", "comet", "finetune_encoder", "finetune_epochs",
-                "finetune_dir")
+                "finetune_dir", *MEDIA_SETTINGS)
         return {k: getattr(self, k) for k in keep}
 
     @classmethod
@@ -188,6 +229,62 @@ def _extract_clues(kind: str, base_encoder, texts: list[str], options: FeatureOp
                                 compute)
 
 
+def _media_extractor(m: str, options: FeatureOptions):
+    if m == "a":
+        from ..features.audio import AudioExtractor
+
+        return AudioExtractor(options.audio, sample_rate=options.audio_sample_rate, workers=options.media_workers,
+                              progress=options.progress)
+    from ..features.visual import VisualExtractor
+
+    extractor = VisualExtractor(options.visual, options.visual_weights, frames=options.visual_frames,
+                                size=options.visual_size, device=options.device, workers=options.media_workers,
+                                progress=options.progress)
+    recorded = options.visual_weights_sha256
+    if recorded and recorded != extractor.weights_sha256 and not options.may_finetune:
+        raise ValueError(f"--visual-weights {extractor.weights}: not the weights the model was trained with "
+                         f"(SHA-256 {extractor.weights_sha256[:12]}..., the checkpoint records {recorded[:12]}...)")
+    options.visual_weights_sha256 = extractor.weights_sha256
+    options.visual_weights = extractor.weights
+    return extractor
+
+
+def _extract_media(dialogues: list[RawDialogue], options: FeatureOptions, name: str) -> dict[str, np.ndarray]:
+    """Audio and visual features (as ``options`` asks) of every utterance of
+    ``dialogues`` that lacks them, from the clips in ``meta["audio"]`` and
+    ``meta["video"]``; zero rows where a clip is absent or unreadable, with a
+    summary line per modality in ``options.media_report`` (and on stderr)."""
+    import sys
+
+    todo = []
+    for m, setting, key, what in (("a", options.audio, "audio", "audio"), ("v", options.visual, "video", "visual")):
+        if setting is None or all(m in d.features for d in dialogues):
+            continue
+        if not any(key in d.meta for d in dialogues):
+            raise DataError(f"{name}: {what} features need media: pass --media-dir (meld, iemocap: the "
+                            f'released clips) or give "{key}" paths per utterance (jsonl)')
+        todo.append((m, key, what))
+    # every extractor first: a missing or wrong weight file stops the run before any extraction
+    extractors = {m: _media_extractor(m, options) for m, _, _ in todo}
+    recorded = dict(options.media_extractors or {})
+    for m, extractor in extractors.items():
+        if not options.may_finetune and recorded.get(m) not in (None, extractor.fingerprint):
+            print(f"{name}: warning: the {MODALITY_NAMES[m]} features are rebuilt with {extractor.fingerprint}, "
+                  f"the model was trained on {recorded[m]}'s (another library version?)", file=sys.stderr)
+        recorded[m] = extractor.fingerprint
+    options.media_extractors = recorded or None
+    out = {}
+    for m, key, what in todo:
+        extractor = extractors[m]
+        clips = [c for d in dialogues for c in d.meta.get(key) or [None] * len(d)]
+        result = extractor.extract(clips, _cache(options), desc=f"{what} {name}")
+        line = result.summary(f"{name}: {what} ({extractor.fingerprint})")
+        options.media_report.append(line)
+        print(line, file=sys.stderr)
+        out[m] = result.features
+    return out
+
+
 def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], options: FeatureOptions,
                       *, raw: RawCorpus | None = None, name: str = "data",
                       clue_kind: str | None = None) -> tuple[list[Dialogue], str]:
@@ -203,6 +300,8 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
         missing = next(d.id for d in dialogues if d.clues is None)
         raise DataError(f"{name}: dialogue {missing} has no clues, but the model was trained on the "
                         "data's own clues")
+    # media first: a missing weight file or media folder fails before minutes of text encoding
+    media = _extract_media(dialogues, options, name)
     base = tuned = None
     if need_text or kind == "atomic":
         base, tuned = _load_encoder(options, raw)
@@ -221,6 +320,9 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
         features = {m: np.asarray(x, dtype=np.float32) for m, x in d.features.items()}
         if "t" not in features:
             features["t"] = text[start:start + n]
+        for m, x in media.items():
+            if m not in features:
+                features[m] = x[start:start + n]
         speaker_ids: dict[str, int] = {}
         speakers = np.array([speaker_ids.setdefault(s, len(speaker_ids)) for s in d.speakers], dtype=np.int64)
         labels = []
