@@ -485,7 +485,7 @@ def _print_result(metrics: dict, out) -> None:
 
 
 #: Flags --resume takes besides the run folder: where and how it runs, not what it trains.
-_RESUME_FLAGS = {"resume", "out", "quiet", "device", "threads", "dist_timeout", "cache_dir", "no_cache",
+_RESUME_FLAGS = {"command", "resume", "out", "quiet", "device", "threads", "dist_timeout", "cache_dir", "no_cache",
                  "unsafe_pickle"}
 
 

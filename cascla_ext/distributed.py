@@ -479,15 +479,15 @@ def _store_client(timeout: float):
     return dist.PrefixStore(f"cascla/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/", store)
 
 
-def failed_rank(wait: float = 5.0) -> int | None:
-    """A rank whose heartbeat has not moved for ``wait`` seconds (waiting
-    up to that long for one to show), or None: after a collective failed,
-    which peer it was."""
+def failed_rank(wait: float = 6.0, quiet_for: float = 3.0) -> int | None:
+    """A rank whose heartbeat has not moved for ``quiet_for`` seconds
+    (waiting up to ``wait`` seconds for one to show), or None: after a
+    collective failed, which peer it was."""
     deadline = time.monotonic() + wait
     while True:
         seen = dict(_watchdog.get("seen") or {})
         now = time.monotonic()
-        stale = [r for r, (_, since) in seen.items() if now - since >= wait]
+        stale = [r for r, (_, since) in seen.items() if now - since >= quiet_for]
         if stale or now >= deadline or not seen:
             return stale[0] if stale else None
         time.sleep(0.2)

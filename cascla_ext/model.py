@@ -54,6 +54,10 @@ class CaSCLAOutput:
     # gradient at the fused features x that every term shares (the balance
     # of the objective, as metrics.json records it).
     grad_norms: dict[str, float] = field(default_factory=dict)
+    # Distributed (global scope): parameters that joined ``loss`` with a zero
+    # gradient only so that DDP sees every parameter used; the training loop
+    # sets their gradient to None after the backward, as one process leaves it.
+    no_grad: list[Tensor] = field(default_factory=list)
 
 
 class UnimodalEncoder(nn.Module):
@@ -210,7 +214,7 @@ class CaSCLA(nn.Module):
             terms = self._focal_terms(logits, labels)
         return terms.sum() * (world_size() / denominator).to(terms.dtype)
 
-    def distribute(self, scope: str | None) -> None:
+    def distribute(self, scope: str | None, group=None) -> None:
         """Train as one rank of a ``torch.distributed`` run: ``scope`` "global"
         or "local" (None: not, the default) is where the SCLA loss takes its
         batch statistics (with "global", :func:`cascla_ext.distributed.scla_loss_global`
@@ -219,8 +223,10 @@ class CaSCLA(nn.Module):
         the CE terms are normalised by the global count, and the conditions
         (fewer than 2 labelled utterances for the contrastive term) are on
         the global batch with the global scope, so every rank joins the same
-        collectives, also with no labelled utterance of its own.
-        docs/distributed.md."""
+        collectives, also with no labelled utterance of its own. ``group``:
+        the process group of the SCLA loss's collectives (None: the default
+        group; with NCCL, give it its own, so that its all-reduce in the
+        backward cannot interleave with DDP's). docs/distributed.md."""
         if scope not in (None, *SCOPES):
             raise ValueError(f"CaSCLA.distribute: expected scope None, 'local' or 'global', got {scope!r}")
         if scope == "global" and self.config.use_scla and self.config.contrastive != "scla":
@@ -228,7 +234,7 @@ class CaSCLA(nn.Module):
                              "use --contrastive scla or --scla-scope local")
         self.distributed_scope = scope
         if isinstance(getattr(self, "scla", None), SCLALoss):
-            self.scla.scope = scope or "local"
+            self.scla.scope, self.scla.group = scope or "local", group
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: Batch, *, grad_norms: bool = False, label_counts: Tensor | None = None
@@ -300,6 +306,12 @@ class CaSCLA(nn.Module):
             out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
         weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
+        if spread and self.distributed_scope == "global" and cfg.use_scla and cfg.contrastive not in out.losses:
+            # No contrastive term on any rank (fewer than 2 labelled utterances
+            # over all): its parameters join with a zero gradient (DDP runs
+            # without find_unused_parameters) and lose it again after the backward.
+            out.no_grad = list(self.scla.parameters())
+            out.loss = out.loss + sum(p.sum() for p in out.no_grad) * 0
         if grad_norms and x.requires_grad:
             grads = {}
             for k, v in out.losses.items():

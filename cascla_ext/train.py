@@ -452,13 +452,18 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model.distribute(settings.scla_scope)
+        import torch.distributed as dist
+
+        # With NCCL the SCLA loss's all-reduce (in the backward) gets its own
+        # communicator, so it cannot interleave with DDP's gradient buckets.
+        model.distribute(settings.scla_scope, dist.new_group() if device.type == "cuda" else None)
         if rank > 0:  # its own dropout draws (rank 0 keeps the single-process stream)
             seed_everything(settings.seed + 1_000_003 * rank)
-        # find_unused_parameters: a step may leave the contrastive term's
-        # parameters unused (fewer than 2 labelled utterances).
+        # With the local scope a rank may leave the contrastive term's
+        # parameters unused (fewer than 2 labelled utterances of its own);
+        # with the global one the model keeps every parameter in the graph.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=config.use_scla)
+                                      find_unused_parameters=config.use_scla and settings.scla_scope == "local")
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     amp_dtype = PRECISIONS[settings.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
@@ -572,6 +577,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                                   steps_per_epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
+                for p in out.no_grad:
+                    p.grad = None
                 if settings.grad_clip:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)

@@ -47,11 +47,13 @@ def _check_step(config, names, chosen, where):
     out.loss.backward()
 
     model.distribute("global")
-    net = DistributedDataParallel(model, find_unused_parameters=config.use_scla)
+    net = DistributedDataParallel(model)  # as train() with the global scope
     batch = collate(_rank_share(chosen), config.modalities)
     counts = global_label_counts(batch.labels, batch.mask, config.num_classes)
     dout = net(batch, grad_norms=True, label_counts=counts)
     dout.loss.backward()
+    for p in dout.no_grad:  # as train()
+        p.grad = None
 
     values = _step_values(dout, config, dist.get_world_size())
     assert set(values) == {"loss", *out.losses}, f"{where}: terms {set(values)} vs {set(out.losses)}"

@@ -110,6 +110,7 @@ class SCLALoss(nn.Module):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.reduction, self.backend, self.normalization = reduction, backend, normalization
         self.scope = scope
+        self.group = None  # the process group of the global scope (None: the default one)
         self.embedding = nn.Embedding(num_classes, embedding_dim, **factory)  # Emb (Eq. 11)
         self.proj = nn.Linear(embedding_dim, dim, **factory)  # W_g, b_g (Eq. 10)
         self.dropout = nn.Dropout(dropout)
@@ -124,7 +125,7 @@ class SCLALoss(nn.Module):
             import torch.distributed as dist
 
             keep = torch.empty_like(z, requires_grad=False).bernoulli_(1 - p)
-            dist.broadcast(keep, src=0)
+            dist.broadcast(keep, src=0, group=self.group)
             return z * keep / (1 - p)
         return self.dropout(z)
 
@@ -150,9 +151,11 @@ class SCLALoss(nn.Module):
         if self._global():
             from ..distributed import balanced_scale_global, scla_loss_global
 
-            loss = scla_loss_global(f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
+            loss = scla_loss_global(f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction,
+                                    group=self.group)
             if self.normalization == "balanced":
-                loss = loss * balanced_scale_global(y, self.num_classes, self.gamma, views, dtype=loss.dtype)
+                loss = loss * balanced_scale_global(y, self.num_classes, self.gamma, views, group=self.group,
+                                                    dtype=loss.dtype)
             return loss
         loss = _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
         if self.normalization == "balanced":
