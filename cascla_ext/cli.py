@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -457,7 +459,7 @@ def _train(args) -> int:
                              weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
                              threads=threads, tensorboard=args.log == "tensorboard",
-                             **{"scla_scope": args.scla_scope, **(file.settings if file else {})})
+                             scla_scope=args.scla_scope, **(file.settings if file else {}))
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                  "features": options.to_dict(), "reader_options": reader_options, "preset": preset,
@@ -465,9 +467,12 @@ def _train(args) -> int:
     if file:
         data_info["config_file"] = str(Path(file.path).expanduser().resolve())
     if args.seeds:
+        from .distributed import rank
+
         summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info, overwrite=args.overwrite)
-        print(_format_summary(summary))
-        print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
+        if rank() == 0:
+            print(_format_summary(summary))
+            print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
         return 0
     metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite, stop_on_sigterm=True)
     _print_result(metrics, args.out)
@@ -493,6 +498,7 @@ def _resume(args) -> int:
     """cascla train --resume RUN_DIR: the run's recorded config, settings and data, from its last.pt."""
     from pathlib import Path
 
+    from . import distributed as D
     from .config import CaSCLAConfig
     from .train import TrainSettings, read_last, train
 
@@ -505,7 +511,10 @@ def _resume(args) -> int:
     state = read_last(args.resume)
     data = state["data"]
     settings = {**state["settings"], "progress": not args.quiet}
-    if "device" in args.given:
+    if "device" in args.given or D.is_distributed():  # under torchrun: this rank's device
+        if D.is_distributed() and "device" not in args.given and settings["device"].startswith("cuda"):
+            raise CLIError(f"cascla train: --resume {args.resume}: the run trained on {settings['device']}; "
+                           "pass --device cuda again")
         settings["device"] = args.device
     if "threads" in args.given:
         settings["threads"] = args.threads
@@ -527,7 +536,7 @@ _SETTING_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "seed": "seed",
     "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "decision_bias": "decision_bias",
     "patience": "patience", "schedule": "schedule", "warmup_ratio": "warmup_ratio", "precision": "precision",
-    "threads": "threads", "tensorboard": "log",
+    "threads": "threads", "tensorboard": "log", "scla_scope": "scla_scope",
 }
 
 
@@ -794,6 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.given = _given_dests(argv)
         if args.command == "train" and D.launched_distributed():
             args.device, spread = D.init_from_env(args.device, args.dist_timeout), True
+            if D.rank() > 0 and not os.environ.get("CASCLA_LOG_ALL_RANKS"):
+                args.quiet = True  # rank 0 speaks for the run
+                warnings.simplefilter("ignore")
         code = {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
         if spread:
             D.shutdown()
