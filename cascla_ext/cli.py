@@ -814,6 +814,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(err, spread)
 
 
+def _launch_rank() -> int:
+    """The RANK torchrun set for one of several processes (else 0)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _report(err: BaseException, spread: bool) -> int:
     """One line on stderr for an error, and the exit status. In a
     distributed run, errors every rank has alike are printed by rank 0
@@ -822,12 +830,14 @@ def _report(err: BaseException, spread: bool) -> int:
     from . import distributed as D
     from .train import TrainingDiverged, TrainingStopped
 
-    rank = D.rank()
+    # (Before the process group exists: the rank torchrun gave, so that an
+    # error every process has is still printed once.)
+    rank = D.rank() if spread else _launch_rank()
     failed = D.failed_rank() if spread and isinstance(err, RuntimeError) and not isinstance(
         err, (D.RankFailed, TrainingDiverged, TrainingStopped)) else None
     if spread:
         D.shutdown(clean=False)
-    quiet = spread and rank > 0
+    quiet = rank > 0
 
     def say(line: str) -> None:
         if not quiet:

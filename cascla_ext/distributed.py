@@ -512,7 +512,7 @@ def _watch(rank_: int, world: int, timeout: float, interval: float, stop: thread
             store.set(str(rank_), str(beat))
             values = {r: store.get(str(r)) if store.check([str(r)]) else None for r in seen}
         except Exception:  # noqa: BLE001 - the store's host is gone
-            if stop.is_set():
+            if stop.wait(3 * interval):  # or this process is ending too, and stops the watchdog
                 return
             _fail("the rendezvous store is unreachable: rank 0 (or the torchrun agent hosting it) has died")
             return
