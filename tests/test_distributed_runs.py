@@ -185,7 +185,11 @@ def test_cli_resume(tmp_path, monkeypatch, capsys):
 # A rank that dies
 
 
-def test_a_dead_rank_ends_the_others_with_one_line(tmp_path):
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_dead_rank_ends_the_others_with_one_line(tmp_path, how):
+    """Rank 1 killed (its sockets close: rank 0's next collective fails) or
+    stopped with SIGSTOP (it hangs with its sockets open: rank 0's watchdog
+    or the collective's timeout ends it) in epoch 2."""
     run, port, timeout = tmp_path / "run", _free_port(), 10
     procs = []
     for rank in range(2):
@@ -200,7 +204,7 @@ def test_a_dead_rank_ends_the_others_with_one_line(tmp_path):
             assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1]
             time.sleep(0.2)
         time.sleep(1)  # in epoch 2
-        procs[1].kill()
+        procs[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         killed = time.monotonic()
         code = procs[0].wait(timeout=timeout + 30)
         took = time.monotonic() - killed
@@ -208,13 +212,15 @@ def test_a_dead_rank_ends_the_others_with_one_line(tmp_path):
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.kill()  # (SIGKILL ends a stopped process too)
             p.wait()
     assert code != 0
     assert took < timeout + 20
     lines = [line for line in err.splitlines() if "rank 1" in line]
     assert len(lines) == 1 and "died or stopped responding" in lines[0], err
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and len(metrics["epochs"]) == 1
+    assert len(metrics["epochs"]) == 1
+    # (the watchdog exits at once: the file may still say running)
+    assert metrics["status"] == "failed" or (how == "stopped" and metrics["status"] == "running")
     last = torch.load(run / "last.pt", weights_only=True)
     assert (last["epoch"], last["world_size"]) == (2, 2)  # resumable from the end of epoch 1
