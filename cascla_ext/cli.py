@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .presets import LEARNING_RATE, PRESETS, WIDTHS, config_for, default_widths, tuned_path, tuned_presets
@@ -237,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="the built-in synthetic corpus, or a reader for files in --data-dir")
     t.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
-    t.add_argument("--out", required=True, help="run directory: model.pt and metrics.json go here")
+    t.add_argument("--out", default=None, help="run directory: model.pt and metrics.json go here (required "
+                                                "unless --resume)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run that --out already holds (default: refuse)")
     t.add_argument("--config", default=None, metavar="FILE",
@@ -314,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference-ops", action="store_true",
                    help="run the pure-PyTorch reference ops instead of the fused kernels (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = t.add_argument_group("distributed runs and resuming (torchrun -m cascla_ext train ...; README)")
+    d.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt (written after every epoch and on "
+                        "SIGTERM) with its recorded settings, to the same result as without the interruption")
+    d.add_argument("--scla-scope", choices=("global", "local"), default="global",
+                   help="under torchrun: the SCLA loss over all processes' utterances (global: the "
+                        "single-process objective) or each process's own (local)")
+    d.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: a collective that waits this long, or a process without a heartbeat "
+                        "this long, ends the run on every process with one line naming the failed rank")
     _add_feature_args(t, for_training=True)
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
@@ -454,6 +467,10 @@ def _train(args) -> int:
     from .runs import check_run_dir
     from .train import TrainSettings, train, train_seeds
 
+    if args.resume is not None:
+        return _resume(args)
+    if args.out is None:
+        raise CLIError("cascla train: --out is required (the run folder), or --resume RUN_DIR")
     if args.dataset == "synthetic" and args.data_dir:
         raise CLIError("cascla train: --data-dir is for real datasets; synthetic is built in")
     tuned = _tuned_preset(args)
@@ -514,7 +531,7 @@ def _train(args) -> int:
                              weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
                              threads=threads, tensorboard=args.log == "tensorboard",
-                             **(file.settings if file else {}))
+                             scla_scope=args.scla_scope, **(file.settings if file else {}))
     data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
                  "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                  "features": options.to_dict(), "reader_options": reader_options,
@@ -522,15 +539,67 @@ def _train(args) -> int:
     if file:
         data_info["config_file"] = str(Path(file.path).expanduser().resolve())
     if args.seeds:
+        from .distributed import rank
+
         summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info, overwrite=args.overwrite)
-        print(_format_summary(summary))
-        print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
+        if rank() == 0:
+            print(_format_summary(summary))
+            print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
         return 0
-    metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite)
-    best = metrics["epochs"][metrics["best_epoch"] - 1]
-    print(f"best epoch {metrics['best_epoch']}: {args.select_on} weighted F1 "
-          f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
-          f"({metrics['total_seconds']:.1f} s); wrote {args.out}/model.pt and {args.out}/metrics.json")
+    metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite, stop_on_sigterm=True)
+    _print_result(metrics, args.out)
+    return 0
+
+
+def _print_result(metrics: dict, out) -> None:
+    from .distributed import rank
+
+    if rank() == 0:
+        best = metrics["epochs"][metrics["best_epoch"] - 1]
+        print(f"best epoch {metrics['best_epoch']}: {metrics['select_split']} weighted F1 "
+              f"{100 * best['val']['weighted_f1']:.2f}, accuracy {100 * best['val']['accuracy']:.2f} "
+              f"({metrics['total_seconds']:.1f} s); wrote {out}/model.pt and {out}/metrics.json")
+
+
+#: Flags --resume takes besides the run folder: where and how it runs, not what it trains.
+_RESUME_FLAGS = {"command", "resume", "out", "quiet", "device", "threads", "dist_timeout", "cache_dir", "no_cache",
+                 "unsafe_pickle"}
+
+
+def _resume(args) -> int:
+    """cascla train --resume RUN_DIR: the run's recorded config, settings and data, from its last.pt."""
+    from pathlib import Path
+
+    from . import distributed as D
+    from .config import CaSCLAConfig
+    from .train import TrainSettings, read_last, train
+
+    other = sorted(getattr(args, "given", set()) - _RESUME_FLAGS)
+    if other:
+        raise CLIError(f"cascla train: --resume continues the run with its recorded settings; drop "
+                       f"--{other[0].replace('_', '-')}")
+    if args.out is not None and Path(args.out).expanduser().resolve() != Path(args.resume).expanduser().resolve():
+        raise CLIError(f"cascla train: --resume {args.resume} continues that folder; --out {args.out} differs")
+    state = read_last(args.resume)
+    data = state["data"]
+    settings = {**state["settings"], "progress": not args.quiet}
+    if "device" in args.given or D.is_distributed():  # under torchrun: this rank's device
+        if D.is_distributed() and "device" not in args.given and settings["device"].startswith("cuda"):
+            raise CLIError(f"cascla train: --resume {args.resume}: the run trained on {settings['device']}; "
+                           "pass --device cuda again")
+        settings["device"] = args.device
+    if "threads" in args.given:
+        settings["threads"] = args.threads
+    dataset = data.get("dataset", "synthetic")
+    corpus = _load_corpus(dataset, data.get("data_dir"), data.get("data_seed", 0),
+                          _feature_options(args, data.get("features")), _reader_options(args, data),
+                          data.get("holdout"), _load_options(args, dataset))
+    if corpus.label_names != state["label_names"]:
+        raise CLIError(f"cascla train: --resume {args.resume}: the run's labels {state['label_names']} are not "
+                       f"the dataset's {corpus.label_names}")
+    metrics = train(CaSCLAConfig.from_dict(state["config"]), corpus, args.resume, TrainSettings(**settings), data,
+                    resume=state, stop_on_sigterm=True)
+    _print_result(metrics, args.resume)
     return 0
 
 
@@ -559,7 +628,7 @@ _SETTING_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "seed": "seed",
     "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "decision_bias": "decision_bias",
     "patience": "patience", "schedule": "schedule", "warmup_ratio": "warmup_ratio", "precision": "precision",
-    "threads": "threads", "tensorboard": "log",
+    "threads": "threads", "tensorboard": "log", "scla_scope": "scla_scope",
 }
 
 
@@ -821,28 +890,82 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .train import TrainingDiverged
+    from . import distributed as D
 
+    spread = False
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         if args.command == "tune":
             return _tune(args, argv)
-        if args.command == "train":  # a config file or a tuned preset gives the defaults of the flags not given
+        if args.command == "train":  # a config file, a tuned preset or --resume gives the flags not given
             args.given = _given_dests(argv)
-        return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
-    except CLIError as err:
-        print(err, file=sys.stderr)
-    except TrainingDiverged as err:
-        print(f"cascla train: {err}", file=sys.stderr)
+        if args.command == "train" and D.launched_distributed():
+            args.device, spread = D.init_from_env(args.device, args.dist_timeout), True
+            if D.rank() > 0 and not os.environ.get("CASCLA_LOG_ALL_RANKS"):
+                args.quiet = True  # rank 0 speaks for the run
+                warnings.simplefilter("ignore")
+        code = {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
+        if spread:
+            D.shutdown()
+        return code
+    except BaseException as err:  # noqa: BLE001 - reported in one line below
+        return _report(err, spread)
+
+
+def _launch_rank() -> int:
+    """The RANK torchrun set for one of several processes (else 0)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _report(err: BaseException, spread: bool) -> int:
+    """One line on stderr for an error, and the exit status. In a
+    distributed run, errors every rank has alike are printed by rank 0
+    only; a failed collective by every rank that sees it, naming the rank
+    that failed where the watchdog saw it."""
+    from . import distributed as D
+    from .train import TrainingDiverged, TrainingStopped
+
+    # (Before the process group exists: the rank torchrun gave, so that an
+    # error every process has is still printed once.)
+    rank = D.rank() if spread else _launch_rank()
+    failed = D.failed_rank() if spread and isinstance(err, RuntimeError) and not isinstance(
+        err, (D.RankFailed, TrainingDiverged, TrainingStopped)) else None
+    if spread:
+        D.shutdown(clean=False)
+    quiet = rank > 0
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    if isinstance(err, CLIError):
+        say(str(err))
+    elif isinstance(err, TrainingStopped):
+        say(f"cascla train: {err}")
+        return 143  # 128 + SIGTERM
+    elif isinstance(err, TrainingDiverged):
+        say(f"cascla train: {err}")
         return 1
-    except RecursionError:
-        print("cascla: error: input nested too deeply to read", file=sys.stderr)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"cascla: error: {_one_line(err)}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("cascla: interrupted", file=sys.stderr)
+    elif isinstance(err, D.RankFailed):
+        say(f"cascla train: {err}")  # rank 0 has said what failed (on rank 0)
+    elif spread and isinstance(err, RuntimeError):
+        who = f"rank {failed} died or stopped responding" if failed is not None else "another rank failed"
+        print(f"cascla train: rank {rank}: {who}; a collective operation failed ({_one_line(err)[:200]})",
+              file=sys.stderr, flush=True)
+        return 1
+    elif isinstance(err, RecursionError):
+        say("cascla: error: input nested too deeply to read")
+    elif isinstance(err, (ValueError, OSError, ImportError)):
+        say(f"cascla: error: {_one_line(err)}")
+    elif isinstance(err, KeyboardInterrupt):
+        say("cascla: interrupted")
         return 130
+    else:
+        raise err
     return 2
 
 

@@ -271,3 +271,290 @@ def balanced_scale_global(
     present = counts > 0
     mean_w = torch.where(present, counts * (M / counts.clamp(min=1)) ** gamma, 0.0).sum() / M
     return (1.0 / (mean_w * (1 + num_views))).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Distributed training runs (issue 16): the process group, shards, gathering,
+# agreement between ranks, and a watchdog that names a rank that died.
+#
+# Everything here is a thin layer over torch.distributed; train.py calls it.
+# Not distributed (no process group, or one process), every helper is the
+# identity / a no-op, so single-process training is unchanged.
+
+import contextlib  # noqa: E402 - the section's own imports
+import datetime  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+#: Seconds a collective may wait, and a rank may go without a heartbeat,
+#: before the run is declared failed (``--dist-timeout``).
+DEFAULT_TIMEOUT = 300.0
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the run failed (:func:`agree`); the message names it."""
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """The number of processes of the run (1 when not distributed)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def launched_distributed(environ: dict | None = None) -> bool:
+    """Whether this process was started by torchrun (or a launcher setting the
+    same variables) as one of several: ``WORLD_SIZE`` > 1."""
+    environ = os.environ if environ is None else environ
+    try:
+        return int(environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer (set by torchrun), got {environ['WORLD_SIZE']!r}") from None
+
+
+def init_from_env(device: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL for a CUDA
+    ``device``, gloo for the CPU, with ``timeout`` seconds for every
+    collective (NCCL aborts a stuck one: ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+    is set to 1 unless already set). Starts the heartbeat watchdog. Returns
+    this rank's device: ``cuda:LOCAL_RANK`` for cuda, else ``device``."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"a distributed run needs {name} in the environment (start it with torchrun)")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {timeout!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
+                             "start at most that many processes per node (--nproc-per-node)")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()):
+        raise ValueError(f"this torch build has no torch.distributed {backend} backend")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    start_watchdog(timeout)
+    return device
+
+
+def shutdown(clean: bool = True) -> None:
+    """Stop the watchdog and leave the process group (if any). ``clean``:
+    every rank is here too (the run ended normally): the watchdogs stop
+    before a barrier, so no rank takes another's exit for a failure."""
+    stop_watchdog()
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            if clean and world_size() > 1:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def shard(items: Sequence, group: dist.ProcessGroup | None = None) -> list:
+    """This rank's share of ``items``: every world_size-th one from its rank
+    (disjoint, together all of them; sizes differ by at most one)."""
+    return list(items[rank(group)::world_size(group)])
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """A detached copy of ``tensor`` summed over the ranks (itself when not distributed)."""
+    out = tensor.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_gather_objects(obj, group: dist.ProcessGroup | None = None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order ([obj] when not distributed)."""
+    if not is_distributed(group):
+        return [obj]
+    out = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group: dist.ProcessGroup | None = None):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def agree(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
+    """Raise on every rank if ``error`` is set on any: the first failing
+    rank's error, as it is on that rank and as a RuntimeError naming it on
+    the others. For checks one rank does alone (claiming the run folder,
+    reading last.pt), so that the others do not wait for it in a collective."""
+    if not is_distributed(group):
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", group)
+    for r, message in enumerate(messages):
+        if message is not None:
+            if error is not None:
+                raise error
+            raise RankFailed(f"rank {r} failed: {message}")
+
+
+@contextlib.contextmanager
+def on_rank_zero(make_context, group: dist.ProcessGroup | None = None):
+    """Enter ``make_context()`` on rank 0 only (e.g. claiming the run folder);
+    yields its value there and None on the other ranks. An error entering it
+    is raised on every rank (:func:`agree`), and an error in the block
+    reaches it on rank 0 as usual."""
+    with contextlib.ExitStack() as stack:
+        value, error = None, None
+        if rank(group) == 0:
+            try:
+                value = stack.enter_context(make_context())
+            except Exception as err:  # noqa: BLE001 - raised again below, on every rank
+                error = err
+        agree(error, group)
+        yield value
+
+
+def rng_state() -> dict:
+    """This process's random states (torch CPU and CUDA, numpy, Python), as
+    plain data that ``torch.load(weights_only=True)`` reads back."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# -- the watchdog -----------------------------------------------------------
+#
+# Every rank bumps a counter in the rendezvous store (its own TCP connection)
+# every second, and reads the others'. A counter that has not moved for
+# ``timeout`` seconds names a rank that died or hangs; an unreachable store
+# means the process hosting it (rank 0, or torchrun's agent) is gone. Either
+# way this rank prints one line naming the failed rank and exits with status
+# 1 at once: a collective with a dead peer might otherwise wait out the
+# process group's timeout (NCCL) or the training loop might be between
+# collectives. (A collective that fails first - gloo sees a closed socket at
+# once - raises in the training loop, which then names the rank from here.)
+
+_watchdog: dict = {}
+
+
+def _store_client(timeout: float):
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=min(timeout, 30)),
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"cascla/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/", store)
+
+
+def failed_rank(wait: float = 6.0, quiet_for: float = 3.0) -> int | None:
+    """A rank whose heartbeat has not moved for ``quiet_for`` seconds
+    (waiting up to ``wait`` seconds for one to show), or None: after a
+    collective failed, which peer it was."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = dict(_watchdog.get("seen") or {})
+        now = time.monotonic()
+        stale = [r for r, (_, since) in seen.items() if now - since >= quiet_for]
+        if stale or now >= deadline or not seen:
+            return stale[0] if stale else None
+        time.sleep(0.2)
+
+
+def _fail(message: str) -> None:
+    print(f"cascla: rank {_watchdog['rank']}: {message}; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _watch(rank_: int, world: int, timeout: float, interval: float, stop: threading.Event) -> None:
+    try:
+        store = _store_client(timeout)
+    except Exception:  # noqa: BLE001 - no heartbeat, the process group's timeout still holds
+        return
+    seen = {r: (None, time.monotonic()) for r in range(world) if r != rank_}
+    _watchdog["seen"] = seen
+    beat = 0
+    while not stop.wait(interval):
+        beat += 1
+        try:
+            store.set(str(rank_), str(beat))
+            values = {r: store.get(str(r)) if store.check([str(r)]) else None for r in seen}
+        except Exception:  # noqa: BLE001 - the store's host is gone
+            if stop.wait(3 * interval):  # or this process is ending too, and stops the watchdog
+                return
+            _fail("the rendezvous store is unreachable: rank 0 (or the torchrun agent hosting it) has died")
+            return
+        now = time.monotonic()
+        for r, value in values.items():
+            last, since = seen[r]
+            if value != last:
+                seen[r] = (value, now)
+            elif now - since > timeout:
+                _fail(f"rank {r} has died or stopped responding (no heartbeat for {timeout:g} s)")
+                return
+
+
+def start_watchdog(timeout: float, interval: float = 1.0) -> None:
+    """Start the heartbeat thread (daemon) for this distributed run; see above."""
+    if not is_distributed() or _watchdog.get("thread") is not None:
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch, args=(rank(), world_size(), float(timeout), interval, stop),
+                              name="cascla-watchdog", daemon=True)
+    _watchdog.update(thread=thread, stop=stop, rank=rank(), seen=None)
+    thread.start()
+
+
+def stop_watchdog() -> None:
+    thread, stop = _watchdog.pop("thread", None), _watchdog.pop("stop", None)
+    if thread is not None:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def global_label_counts(labels: Tensor, mask: Tensor, num_classes: int,
+                        group: dist.ProcessGroup | None = None) -> Tensor:
+    """The labelled utterances (mask and label >= 0) per class over all
+    ranks' batches: a (K,) float64 tensor, the same on every rank (one
+    all-reduce of K numbers; this rank's counts when not distributed)."""
+    valid = mask & (labels >= 0)
+    return all_reduce_sum(torch.bincount(labels[valid], minlength=num_classes).to(torch.float64), group)
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` is set on any rank (``flag`` when not distributed)."""
+    if not is_distributed(group):
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), group).item() > 0)

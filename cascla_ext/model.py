@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ._io import atomic_torch_save
 from .config import CaSCLAConfig
 from .data.batch import Batch
+from .distributed import SCOPES, all_reduce_sum, world_size
 from .nn import CausalInteraction, PerturbedGRU, SCLALoss, SPCLLoss, SupConLoss, TensorRingFusion
 
 __all__ = ["CaSCLA", "CaSCLAOutput", "CheckpointError"]
@@ -53,6 +54,10 @@ class CaSCLAOutput:
     # gradient at the fused features x that every term shares (the balance
     # of the objective, as metrics.json records it).
     grad_norms: dict[str, float] = field(default_factory=dict)
+    # Distributed (global scope): parameters that joined ``loss`` with a zero
+    # gradient only so that DDP sees every parameter used; the training loop
+    # sets their gradient to None after the backward, as one process leaves it.
+    no_grad: list[Tensor] = field(default_factory=list)
 
 
 class UnimodalEncoder(nn.Module):
@@ -114,6 +119,8 @@ class CaSCLA(nn.Module):
             self.register_buffer("log_prior", prior.clamp_min(1e-12).log(), persistent=False)
             w = prior.clamp_min(1e-12) ** -cfg.class_weight_power
             self.register_buffer("class_weights", w / (w * prior).sum(), persistent=False)  # mean 1 under the prior
+        # Set by distribute() for a rank of a torch.distributed run; not saved.
+        self.distributed_scope: str | None = None
         if cfg.use_scla:  # the contrastive term (attribute name kept for checkpoints)
             if cfg.contrastive == "scla":
                 self.scla = SCLALoss(cfg.num_classes, cfg.d_feature, embedding_dim=cfg.label_embedding_dim,
@@ -163,12 +170,20 @@ class CaSCLA(nn.Module):
             return self.head(h)
         return self.interaction.apply_prepared(h, prepared)
 
-    def _ce(self, f: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-        return self.classifier_loss(self.classifier(f)[valid], labels[valid])
+    def _ce(self, f: Tensor, labels: Tensor, valid: Tensor, counts: Tensor | None = None) -> Tensor:
+        return self.classifier_loss(self.classifier(f)[valid], labels[valid], counts)
 
-    def classifier_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The loss of the classifier on (N, K) logits (``config.classifier_loss``)."""
+    def classifier_loss(self, logits: Tensor, labels: Tensor, global_counts: Tensor | None = None) -> Tensor:
+        """The loss of the classifier on (N, K) logits (``config.classifier_loss``).
+
+        ``global_counts`` (K,): the labelled utterances per class over all
+        ranks of a distributed run; the loss is then world_size times this
+        rank's share of the global mean (its sum over the global
+        denominator), the convention that makes DDP's averaged gradient the
+        single-process one (docs/distributed.md)."""
         cfg = self.config
+        if global_counts is not None:
+            return self._global_classifier_loss(logits, labels, global_counts)
         if cfg.classifier_loss == "ce":
             return F.cross_entropy(logits, labels)
         if cfg.classifier_loss == "logit_adjusted":
@@ -176,12 +191,57 @@ class CaSCLA(nn.Module):
             return F.cross_entropy(logits + cfg.logit_adjust_tau * self.log_prior.to(logits.dtype), labels)
         if cfg.classifier_loss == "weighted_ce":
             return F.cross_entropy(logits, labels, weight=self.class_weights.to(logits.dtype))
-        # focal (Lin et al., 2017): -(1 - p_y)^gamma log p_y, averaged
+        return self._focal_terms(logits, labels).mean()
+
+    def _focal_terms(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """focal (Lin et al., 2017): -(1 - p_y)^gamma log p_y per sample."""
         logp = F.log_softmax(logits, dim=-1).gather(1, labels.unsqueeze(1)).squeeze(1)
-        return -((1 - logp.exp()).clamp_min(0) ** cfg.focal_gamma * logp).mean()
+        return -((1 - logp.exp()).clamp_min(0) ** self.config.focal_gamma * logp)
+
+    def _global_classifier_loss(self, logits: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
+        cfg = self.config
+        denominator = counts.sum()
+        if cfg.classifier_loss == "ce":
+            terms = F.cross_entropy(logits, labels, reduction="none")
+        elif cfg.classifier_loss == "logit_adjusted":
+            terms = F.cross_entropy(logits + cfg.logit_adjust_tau * self.log_prior.to(logits.dtype), labels,
+                                    reduction="none")
+        elif cfg.classifier_loss == "weighted_ce":  # F.cross_entropy's weighted mean: / sum of the weights
+            weights = self.class_weights.to(logits.dtype)
+            terms = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+            denominator = (counts * weights.to(counts.dtype)).sum()
+        else:
+            terms = self._focal_terms(logits, labels)
+        return terms.sum() * (world_size() / denominator).to(terms.dtype)
+
+    def distribute(self, scope: str | None, group=None) -> None:
+        """Train as one rank of a ``torch.distributed`` run: ``scope`` "global"
+        or "local" (None: not, the default) is where the SCLA loss takes its
+        batch statistics (with "global", :func:`cascla_ext.distributed.scla_loss_global`
+        over all ranks' anchors). The training loop then passes forward the
+        global class counts of the labelled utterances (``label_counts``):
+        the CE terms are normalised by the global count, and the conditions
+        (fewer than 2 labelled utterances for the contrastive term) are on
+        the global batch with the global scope, so every rank joins the same
+        collectives, also with no labelled utterance of its own. ``group``:
+        the process group of the SCLA loss's collectives (None: the default
+        group; with NCCL, give it its own, so that its all-reduce in the
+        backward cannot interleave with DDP's). docs/distributed.md."""
+        if scope not in (None, *SCOPES):
+            raise ValueError(f"CaSCLA.distribute: expected scope None, 'local' or 'global', got {scope!r}")
+        if scope == "global" and self.config.use_scla and self.config.contrastive != "scla":
+            raise ValueError(f"--scla-scope global: the {self.config.contrastive} loss has no global form; "
+                             "use --contrastive scla or --scla-scope local")
+        self.distributed_scope = scope
+        if isinstance(getattr(self, "scla", None), SCLALoss):
+            self.scla.scope, self.scla.group = scope or "local", group
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: Batch, *, grad_norms: bool = False) -> CaSCLAOutput:
+    def forward(self, batch: Batch, *, grad_norms: bool = False, label_counts: Tensor | None = None
+                ) -> CaSCLAOutput:
+        """``label_counts`` (K,): in a distributed training run (see
+        :meth:`distribute`), the labelled utterances per class over all
+        ranks' batches (:func:`cascla_ext.distributed.global_label_counts`)."""
         self._check_batch(batch)
         cfg = self.config
         mask = batch.mask
@@ -204,12 +264,17 @@ class CaSCLA(nn.Module):
             return out
 
         valid = mask & (labels >= 0)
-        n_valid = int(valid.sum())
+        n_local = n_valid = int(valid.sum())
+        # Distributed: the global labelled utterances per class (label_counts).
+        spread = training_losses and label_counts is not None
+        counts = label_counts if spread else None
+        if spread:
+            n_valid = int(counts.sum())
         if n_valid == 0:
             # Nothing to learn from (e.g. a partly labelled file): no loss term
             # is defined. loss stays None; the training loop counts the step.
             return out
-        ce = self.classifier_loss(logits[valid], labels[valid])
+        ce = self.classifier_loss(logits[valid], labels[valid], counts)
         out.losses["ce"] = ce
         views = []
         if use_ast:
@@ -225,13 +290,15 @@ class CaSCLA(nn.Module):
                 rho_adv.append((cfg.epsilon * g / norm).detach())
             out.perturbation = rho_adv
             f_adv = self._context_to_features(x, batch, rho_adv, prepared)
-            out.losses["ce_adv"] = self._ce(f_adv, labels, valid)
+            out.losses["ce_adv"] = self._ce(f_adv, labels, valid, counts)
             views.append(f_adv)
         # The SCLA loss contrasts samples with each other: it needs M >= 2
         # (MELD has one-utterance dialogues, so a batch of one has M = 1). With
         # fewer the batch trains on the cross-entropy terms alone, and
         # out.losses has no contrastive entry, which the training loop counts.
-        if cfg.use_scla and n_valid >= 2:
+        # (Distributed: on the global count with the global scope, where every
+        # rank joins the loss's all-reduce; per rank with the local one.)
+        if cfg.use_scla and (n_valid if self.distributed_scope == "global" else n_local) >= 2:
             if cfg.use_text_augmentation and training_losses:
                 x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
                 views.insert(0, self._context_to_features(x_text, batch, None, prepared))
@@ -239,10 +306,29 @@ class CaSCLA(nn.Module):
             out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
         weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
+        if spread and self.distributed_scope == "global" and cfg.use_scla and cfg.contrastive not in out.losses:
+            # No contrastive term on any rank (fewer than 2 labelled utterances
+            # over all): its parameters join with a zero gradient (DDP runs
+            # without find_unused_parameters) and lose it again after the backward.
+            out.no_grad = list(self.scla.parameters())
+            out.loss = out.loss + sum(p.sum() for p in out.no_grad) * 0
         if grad_norms and x.requires_grad:
+            grads = {}
             for k, v in out.losses.items():
                 (g,) = torch.autograd.grad(weights[k] * v, x, retain_graph=True, allow_unused=True)
-                out.grad_norms[k] = 0.0 if g is None else float(g.norm())
+                grads[k] = g
+            if not spread:
+                out.grad_norms = {k: 0.0 if g is None else float(g.norm()) for k, g in grads.items()}
+            else:
+                # Each rank's gradient at its x is world_size times its part of
+                # the global one: the norm over the global batch, as one process.
+                # (Fixed slots: with the local scope a rank may lack the contrastive term.)
+                names = ["ce", "ce_adv", cfg.contrastive]
+                squares = torch.tensor([[float(grads[k].double().pow(2).sum()) if grads.get(k) is not None
+                                         else 0.0, float(k in grads)] for k in names], dtype=torch.float64, device=x.device)
+                total = all_reduce_sum(squares)
+                out.grad_norms = {k: float(total[i, 0] / world_size() ** 2) ** 0.5
+                                  for i, k in enumerate(names) if total[i, 1] > 0}
         return out
 
     @torch.no_grad()

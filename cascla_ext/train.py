@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,15 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_json
+from . import distributed as D
+from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
 from .data import Corpus, Dialogue, collate
+from .distributed import SCOPES
 from .metrics import scores
 from .model import CaSCLA
 
-__all__ = ["DECISION_BIAS_SCORES", "TrainSettings", "TrainingDiverged", "evaluate", "fit_decision_bias",
-           "fit_model_decision_bias",
-           "predict_dialogues", "seed_everything", "summarise_scores", "train", "train_seeds"]
+__all__ = ["DECISION_BIAS_SCORES", "LAST_CHECKPOINT", "ResumeError", "TrainSettings", "TrainingDiverged",
+           "TrainingStopped", "evaluate", "fit_decision_bias", "fit_model_decision_bias",
+           "predict_dialogues", "read_last", "seed_everything", "summarise_scores", "train", "train_seeds"]
 
 
 def progress_bar(iterable, *, enabled: bool, **kwargs):
@@ -190,6 +197,10 @@ class TrainSettings:
     threads: int | None = None
     # Also write TensorBoard event files to <run>/tensorboard (needs tensorboard).
     tensorboard: bool = False
+    # In a torch.distributed run (torchrun): where the SCLA loss takes its
+    # batch statistics, "global" (all ranks' anchors: the single-process
+    # objective) or "local" (each rank's own). Unused in one process.
+    scla_scope: str = "global"
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
@@ -221,6 +232,8 @@ class TrainSettings:
             fail(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.precision not in PRECISIONS:
             fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.scla_scope not in SCOPES:
+            fail(f"scla_scope must be one of {', '.join(SCOPES)}, got {self.scla_scope!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -252,14 +265,19 @@ def predict_dialogues(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: 
                       device: str | torch.device = "cpu", progress: bool = False) -> list[np.ndarray]:
     """Class probabilities per dialogue: a list of (n_utterances, K) arrays."""
     model.eval()
-    out = []
-    it = batches(dialogues, batch_size, model.config.modalities)
-    for batch in progress_bar(it, enabled=progress, total=(len(dialogues) + batch_size - 1) // batch_size,
-                              desc="predict", leave=False):
+    # The batches one process would form; in a distributed run each rank
+    # predicts every world_size-th one and all gather them, so every
+    # probability is computed exactly as in one process.
+    starts = D.shard(list(enumerate(range(0, len(dialogues), batch_size))))
+    done: dict[int, list[np.ndarray]] = {}
+    for k, start in progress_bar(starts, enabled=progress, desc="predict", leave=False):
+        batch = collate([dialogues[i] for i in range(start, min(start + batch_size, len(dialogues)))],
+                        model.config.modalities)
         probs = model.predict(batch.to(device)).cpu().numpy()
-        for b, n in enumerate(batch.lengths.tolist()):
-            out.append(probs[b, :n])
-    return out
+        done[k] = [probs[b, :n] for b, n in enumerate(batch.lengths.tolist())]
+    if D.is_distributed():
+        done = {k: v for part in D.all_gather_objects(done) for k, v in part.items()}
+    return [p for k in sorted(done) for p in done[k]]
 
 
 def evaluate(model: CaSCLA, dialogues: Sequence[Dialogue], batch_size: int = 32,
@@ -278,9 +296,62 @@ def _check_finite(what: str, value: float, epoch: int, step: int, steps: int) ->
                                "(try a lower --lr, or check the data and the loss weights)")
 
 
+class TrainingStopped(RuntimeError):
+    """SIGTERM (``stop_on_sigterm``): the run finished its current step,
+    wrote ``last.pt`` and stopped; ``cascla train --resume RUN_DIR`` continues it."""
+
+
+class ResumeError(ValueError):
+    """``--resume``: the run folder has no usable ``last.pt``; the message says why."""
+
+
+#: The resumable state a run writes beside model.pt after every epoch (and on SIGTERM).
+LAST_CHECKPOINT = "last.pt"
+LAST_FORMAT = 1
+
+
+def read_last(run_dir: str | os.PathLike) -> dict:
+    """The state in ``run_dir/last.pt``, checked, for ``train(..., resume=...)``.
+    In a distributed run rank 0 reads it and every rank gets it (the folder
+    need only exist where rank 0 runs); an unusable file raises
+    :class:`ResumeError` on every rank."""
+    state, error = None, None
+    if D.rank() == 0:
+        try:
+            state = _read_last(Path(run_dir).expanduser())
+        except ResumeError as err:
+            error = err
+    D.agree(error)
+    return D.broadcast_object(state)
+
+
+def _read_last(run_dir: Path) -> dict:
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise ResumeError(f"--resume {run_dir}: there is no {LAST_CHECKPOINT} to resume from (a run writes it "
+                          "after its first epoch)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file
+        raise ResumeError(f"--resume {run_dir}: {path.name} is not readable ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != LAST_FORMAT:
+        raise ResumeError(f"--resume {run_dir}: {path.name} is not a cascla resume state")
+    try:
+        status = json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "finished":
+        raise ResumeError(f"--resume {run_dir}: the run has finished (metrics.json); there is nothing to resume")
+    if state["world_size"] != D.world_size():
+        raise ResumeError(f"--resume {run_dir}: the run was trained by {state['world_size']} processes, this one "
+                          f"has {D.world_size()}; resume it with as many (torchrun --nproc-per-node ...)")
+    return state
+
+
 def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
           settings: TrainSettings, data_info: dict | None = None, *, overwrite: bool = False,
-          on_epoch: Callable[[dict], None] | None = None) -> dict:
+          on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
+          stop_on_sigterm: bool = False) -> dict:
     """Train on corpus' train split, pick the epoch with the best weighted F1
     on ``settings.select_split`` (validation by default, never the test
     split), write ``model.pt`` (that epoch) and ``metrics.json`` to
@@ -291,11 +362,26 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
     The run folder is claimed for the run (:func:`cascla_ext.runs.claim_run_dir`:
     a second run into it fails, a finished run is not overwritten unless
     ``overwrite``). ``metrics.json`` carries ``status`` (running, finished,
-    failed, interrupted) and names the epoch of the checkpoint beside it
+    failed, interrupted, stopped) and names the epoch of the checkpoint beside it
     (``checkpoint``); it is written before each new checkpoint, and again
     when a run stops early, so the two describe the same epoch. A loss term,
     gradient or weight that is not finite stops the run with
     :class:`TrainingDiverged` before any checkpoint of that model is written.
+
+    After every epoch ``last.pt`` holds what continuing needs (model,
+    optimizer, scheduler, the random states of every rank, the position in
+    the batch order, the metrics so far); ``resume`` (:func:`read_last` of
+    the folder) continues from it, to the same model and metrics as a run
+    without the interruption (bitwise on the CPU, with the same number of
+    processes). ``stop_on_sigterm``: SIGTERM ends the current step, writes
+    ``last.pt`` and raises :class:`TrainingStopped`.
+
+    In a ``torch.distributed`` run (every rank calls this; docs/distributed.md)
+    the model is wrapped in DistributedDataParallel, each global batch of
+    ``settings.batch_size`` dialogues is split across the ranks, the loss
+    terms are normalised over the global batch (so a step is the
+    single-process step), evaluation is sharded and gathered, and rank 0
+    alone writes files.
 
     ``on_epoch(record)`` is called after each epoch's record (its ``val``
     scores are the selection split's) is written; an exception it raises
@@ -311,20 +397,77 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
     settings.validate()
     config.validate()
     device = resolve_device(settings.device)
+    if D.world_size() > settings.batch_size:
+        raise ValueError(f"--batch-size {settings.batch_size} is the global batch (dialogues per step over all "
+                         f"processes): expected at least the number of processes, {D.world_size()}")
     train_set, val_set = corpus.split("train"), corpus.split(settings.select_split)
-    with claim_run_dir(out_dir, overwrite=overwrite) as out_dir:
-        return _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch)
+    with D.on_rank_zero(lambda: claim_run_dir(out_dir, overwrite=overwrite or resume is not None)):
+        with _sigterm_flag(stop_on_sigterm) as stop:
+            return _train(config, corpus, Path(out_dir).expanduser(), settings, data_info, device, train_set,
+                          val_set, on_epoch, resume, stop)
 
 
-def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch=None) -> dict:
+@contextlib.contextmanager
+def _sigterm_flag(enabled: bool):
+    """A dict whose "set" turns True on SIGTERM while the block runs (main thread only)."""
+    flag = {"set": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rank_share(chosen: list[Dialogue]) -> list[Dialogue]:
+    """This rank's dialogues of a global batch (all of them in one process).
+    A rank left without any (a last batch smaller than the world) takes the
+    first one with every label hidden: it joins the step's collectives and
+    contributes nothing."""
+    if not D.is_distributed():
+        return chosen
+    mine = D.shard(chosen)
+    return mine or [dataclasses.replace(chosen[0], labels=np.full(len(chosen[0]), -1, dtype=np.int64))]
+
+
+def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch=None,
+           resume=None, stop=None) -> dict:
+    rank, world = D.rank(), D.world_size()
+    writes = rank == 0  # rank 0 alone writes files and prints
+    progress = settings.progress and (writes or bool(os.environ.get("CASCLA_LOG_ALL_RANKS")))
+    stop = stop if stop is not None else {"set": False}
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)
     model = CaSCLA(config, corpus.label_names).to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        import torch.distributed as dist
+
+        # With NCCL the SCLA loss's all-reduce (in the backward) gets its own
+        # communicator, so it cannot interleave with DDP's gradient buckets.
+        model.distribute(settings.scla_scope, dist.new_group() if device.type == "cuda" else None)
+        if rank > 0:  # its own dropout draws (rank 0 keeps the single-process stream)
+            seed_everything(settings.seed + 1_000_003 * rank)
+        # With the local scope a rank may leave the contrastive term's
+        # parameters unused (fewer than 2 labelled utterances of its own);
+        # with the global one the model keeps every parameter in the graph.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=config.use_scla and settings.scla_scope == "local")
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     amp_dtype = PRECISIONS[settings.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    board = _tensorboard(out_dir) if settings.tensorboard else None
+    board = _tensorboard(out_dir) if settings.tensorboard and writes else None
     generator = torch.Generator().manual_seed(settings.seed)
     data_info = data_info or {"dataset": corpus.name}
     metrics = {
@@ -335,6 +478,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         "label_names": corpus.label_names,
         "data": data_info,
         "select_split": settings.select_split,
+        "world_size": world,
         "status": "running",
         "epochs": [],
         "best_epoch": None,
@@ -346,46 +490,95 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                                settings.warmup_ratio)
     start = time.perf_counter()
     saved: dict | None = None  # the checkpoint on disk: {"file", "epoch", "val_weighted_f1"}
+    best_state: dict | None = None  # its weights (for the decision biases)
+    first_epoch, partial = 1, None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        generator.set_state(resume["generator"])
+        metrics, saved, best_state = resume["metrics"], resume["saved"], resume["best_model"]
+        metrics["status"] = "running"
+        metrics.pop("error", None)
+        first_epoch, partial = resume["epoch"], resume["partial"]
+        D.set_rng_state(resume["rng"][rank])
+    previous_seconds = metrics.get("total_seconds", 0.0)
 
     def write_metrics() -> None:
-        metrics["total_seconds"] = time.perf_counter() - start
-        atomic_write(out_dir / "metrics.csv", lambda fh: fh.write(metrics_csv(metrics["epochs"])))
-        atomic_write_json(metrics, out_dir / "metrics.json")
+        metrics["total_seconds"] = previous_seconds + time.perf_counter() - start
+        if writes:
+            atomic_write(out_dir / "metrics.csv", lambda fh: fh.write(metrics_csv(metrics["epochs"])))
+            atomic_write_json(metrics, out_dir / "metrics.json")
 
-    epoch_bar = progress_bar(range(1, settings.epochs + 1), enabled=settings.progress, desc="epochs")
+    def write_last(epoch: int, epoch_generator: torch.Tensor, acc: dict | None) -> None:
+        """last.pt: continue at ``epoch`` (``acc``: its steps so far, None at its start)."""
+        rngs = D.all_gather_objects(D.rng_state())
+        metrics["total_seconds"] = previous_seconds + time.perf_counter() - start
+        if writes:
+            atomic_torch_save({
+                "format": LAST_FORMAT, "world_size": world, "epoch": epoch, "generator": epoch_generator,
+                "partial": acc, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs, "metrics": metrics, "saved": saved,
+                "best_model": best_state, "config": config.to_dict(), "label_names": corpus.label_names,
+                "settings": metrics["settings"], "data": data_info}, out_dir / LAST_CHECKPOINT)
+
+    def stopped(epoch: int, step: int) -> TrainingStopped:
+        where = f"epoch {epoch}, step {step} of {steps_per_epoch}" if step else f"epoch {epoch - 1}"
+        return TrainingStopped(f"stopped by SIGTERM after {where}; {out_dir / LAST_CHECKPOINT} holds the run: "
+                               f"continue it with cascla train --resume {out_dir}")
+
+    epoch_bar = progress_bar(range(first_epoch, settings.epochs + 1), enabled=progress, desc="epochs")
     try:
         for epoch in epoch_bar:
-            model.train()
-            t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
-            without: dict[str, int] = {}
-            step = 0
-            step_bar = progress_bar(batches(train_set, settings.batch_size, config.modalities, True, generator),
-                                    enabled=settings.progress, total=steps_per_epoch, desc=f"epoch {epoch}",
-                                    leave=False)
+            net.train()
+            epoch_generator = generator.get_state()
+            order = torch.randperm(len(train_set), generator=generator).tolist()
+            acc = partial or {"step": 0, "sums": {}, "counts": {}, "without": {}, "norms": {}, "seconds": 0.0}
+            partial = None
+            sums, counts, without, norms = acc["sums"], acc["counts"], acc["without"], acc["norms"]
+            t0 = time.perf_counter() - acc["seconds"]
+            step = acc["step"]
+            step_bar = progress_bar(range(step + 1, steps_per_epoch + 1), enabled=progress,
+                                    total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", leave=False)
             # The gradient norm of each term at the shared features, on about
             # eight steps an epoch (an extra backward per term on those steps).
             every = max(1, steps_per_epoch // 8)
-            norms: dict[str, list[float]] = {}
             expected = _expected_terms(config)
-            for step, batch in enumerate(step_bar, start=1):
-                batch = batch.to(device)
+            for step in step_bar:
+                chosen = [train_set[i] for i in order[(step - 1) * settings.batch_size:step * settings.batch_size]]
+                batch = collate(_rank_share(chosen), config.modalities).to(device)
+                label_counts = None
+                if world > 1:
+                    label_counts = D.global_label_counts(batch.labels, batch.mask, config.num_classes)
+                    if not label_counts.sum() > 0:  # skipped on every rank alike
+                        without["labels"] = without.get("labels", 0) + 1
+                        _end_step(acc, step, sums, counts, without, norms, t0)
+                        if D.any_rank(stop["set"], device):
+                            write_last(epoch, epoch_generator, acc)
+                            raise stopped(epoch, step)
+                        continue
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = model(batch, grad_norms=(step - 1) % every == 0)
+                    out = net(batch, grad_norms=(step - 1) % every == 0, label_counts=label_counts)
                 for k, v in out.grad_norms.items():
                     norms.setdefault(k, []).append(v)
                 if out.loss is None:  # no labelled utterance in the batch
                     without["labels"] = without.get("labels", 0) + 1
+                    _end_step(acc, step, sums, counts, without, norms, t0)
+                    if stop["set"]:
+                        write_last(epoch, epoch_generator, acc)
+                        raise stopped(epoch, step)
                     continue
                 for term in expected - set(out.losses):
                     without[term] = without.get(term, 0) + 1
-                values = {"loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.losses.items()}}
+                values = _step_values(out, config, world)
                 for k, v in values.items():
                     _check_finite(f"the {k} loss" if k != "loss" else "the total loss", v, epoch, step,
                                   steps_per_epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
+                for p in out.no_grad:
+                    p.grad = None
                 if settings.grad_clip:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -399,6 +592,10 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                     counts[k] = counts.get(k, 0) + 1
                 if hasattr(step_bar, "set_postfix"):
                     step_bar.set_postfix(loss=f"{values['loss']:.3f}")
+                _end_step(acc, step, sums, counts, without, norms, t0)
+                if D.any_rank(stop["set"], device):
+                    write_last(epoch, epoch_generator, acc)
+                    raise stopped(epoch, step)
             bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
             if bad:
                 raise TrainingDiverged(f"training diverged in epoch {epoch}: the weights {bad[0]}"
@@ -425,10 +622,12 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 # The metrics name the checkpoint's epoch before it is written.
                 metrics["checkpoint"] = {"file": "model.pt", "epoch": epoch}
                 write_metrics()
-                model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
-                           data=data_info)
+                if writes:
+                    model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
+                               data=data_info)
                 saved = {"epoch": epoch, "val_weighted_f1": val["weighted_f1"]}
-            if settings.progress:
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if progress:
                 _log(epoch_line(record, settings.epochs, metrics["best_epoch"], metrics["best_val_weighted_f1"],
                                 settings.select_split), epoch_bar)
             if board is not None:
@@ -439,17 +638,20 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                     board.add_scalar(k, v, epoch)
                 board.flush()
             write_metrics()
+            write_last(epoch + 1, generator.get_state(), None)
             if on_epoch is not None:
                 on_epoch(record)
             if settings.patience is not None and epoch - metrics["best_epoch"] >= settings.patience:
                 metrics["stopped_early"] = epoch  # no better selection score for `patience` epochs
-                if settings.progress:
+                if progress:
                     _log(f"stopping early after epoch {epoch}: no better {settings.select_split} weighted F1 "
                          f"for {settings.patience} epochs", epoch_bar)
                 break
+            if epoch < settings.epochs and D.any_rank(stop["set"], device):
+                raise stopped(epoch + 1, 0)
         if settings.decision_bias != "none" and saved:
             # Refit the biases of the selected epoch's model on the selection split.
-            model = CaSCLA.load(out_dir / "model.pt").to(device)
+            model.load_state_dict(best_state)
             bias, before, after = fit_model_decision_bias(model, val_set, settings.decision_bias,
                                                           settings.batch_size, device)
             metrics["decision_bias"] = {"score": settings.decision_bias, "bias": dict(zip(corpus.label_names,
@@ -459,11 +661,13 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             metrics["selection_scores"] = {k: final[k] for k in ("weighted_f1", "macro_f1", "accuracy",
                                                                   "per_class_f1", "n")}
             write_metrics()
-            model.save(out_dir / "model.pt", dataset=corpus.name, epoch=saved["epoch"], seed=settings.seed,
-                       data=data_info)
+            if writes:
+                model.save(out_dir / "model.pt", dataset=corpus.name, epoch=saved["epoch"], seed=settings.seed,
+                           data=data_info)
     except BaseException as err:
         # Describe what is on disk: the last checkpoint written, not a pending one.
-        metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        metrics["status"] = ("stopped" if isinstance(err, TrainingStopped) else
+                             "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         metrics["error"] = str(err) or type(err).__name__
         metrics["checkpoint"] = {"file": "model.pt", "epoch": saved["epoch"]} if saved else None
         metrics["best_epoch"] = saved["epoch"] if saved else None
@@ -479,6 +683,28 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
     metrics["status"] = "finished"
     write_metrics()
     return metrics
+
+
+def _end_step(acc: dict, step: int, sums: dict, counts: dict, without: dict, norms: dict, t0: float) -> None:
+    """Record a finished step in the epoch's accumulators (what last.pt keeps mid-epoch)."""
+    acc.update(step=step, sums=sums, counts=counts, without=without, norms=norms,
+               seconds=time.perf_counter() - t0)
+
+
+def _step_values(out, config: CaSCLAConfig, world: int) -> dict[str, float]:
+    """The step's loss and terms as floats: in a distributed run their global
+    values (the mean over the ranks of each rank's N-scaled part; a term some
+    ranks lack, the local scope's contrastive one, over the ranks that have it)."""
+    values = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}}
+    if world == 1:
+        return {k: float(v) for k, v in values.items()}
+    names = ["loss", "ce", "ce_adv", config.contrastive]
+    table = torch.zeros(len(names), 2, dtype=torch.float64, device=out.loss.device)
+    for i, k in enumerate(names):
+        if k in values:
+            table[i, 0], table[i, 1] = values[k].double(), 1.0
+    table = D.all_reduce_sum(table)
+    return {k: float(table[i, 0] / table[i, 1]) for i, k in enumerate(names) if k in values}
 
 
 def _tensorboard(out_dir: Path):
@@ -521,8 +747,9 @@ def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike
     each class's F1. Returns the summary."""
     from .runs import claim_run_dir
 
-    with claim_run_dir(out_dir, overwrite=overwrite) as out_dir:
-        return _train_seeds(config, corpus, out_dir, settings, seeds, data_info, report_splits, overwrite)
+    with D.on_rank_zero(lambda: claim_run_dir(out_dir, overwrite=overwrite)):
+        return _train_seeds(config, corpus, Path(out_dir).expanduser(), settings, seeds, data_info, report_splits,
+                            overwrite)
 
 
 def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, report_splits, overwrite) -> dict:
@@ -539,7 +766,7 @@ def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, repo
         scored = {settings.select_split: metrics.get("selection_scores")
                   or metrics["epochs"][metrics["best_epoch"] - 1]["val"]}
         if splits[1:]:
-            model = CaSCLA.load(run_dir / "model.pt").to(resolve_device(settings.device))
+            model = _load_on_every_rank(run_dir / "model.pt").to(resolve_device(settings.device))
             scored.update({s: evaluate(model, corpus.split(s), settings.batch_size, settings.device)
                            for s in splits[1:]})
         runs.append({"seed": seed, "best_epoch": metrics["best_epoch"], "scores": scored,
@@ -551,5 +778,25 @@ def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, repo
         summary["splits"][s] = summarise_scores([r["scores"][s] for r in runs], corpus.label_names)
     summary["runs"] = [{**r, "scores": {s: {k: r["scores"][s][k] for k in keep} for s in splits}}
                        for r in runs]
-    atomic_write_json(summary, out_dir / "summary.json")
+    if D.rank() == 0:
+        atomic_write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def _load_on_every_rank(path: Path) -> CaSCLA:
+    """The model of a checkpoint that rank 0 wrote, on every rank (read by rank 0)."""
+    if not D.is_distributed():
+        return CaSCLA.load(path)
+    model, error = None, None
+    if D.rank() == 0:
+        try:
+            model = CaSCLA.load(path)
+        except (OSError, ValueError) as err:
+            error = err
+    D.agree(error)
+    config, names, weights = D.broadcast_object(
+        (model.config.to_dict(), model.label_names, model.state_dict()) if model is not None else None)
+    if model is None:
+        model = CaSCLA(CaSCLAConfig.from_dict(config), names)
+        model.load_state_dict(weights)
+    return model

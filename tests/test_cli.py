@@ -53,7 +53,7 @@ def test_ablation_flags_reach_the_config(tmp_path, capsys):
     "args,message",
     [
         (["train", "--out", "X", "--bogus"], "unrecognized arguments: --bogus"),
-        (["train"], "the following arguments are required: --out"),
+        (["train"], "--out is required (the run folder), or --resume RUN_DIR"),
         (["train", "--out", "X", "--epochs", "0"], "expected a positive integer"),
         (["train", "--out", "X", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
         (["train", "--out", "X", "--modalities", "t,x"], "unknown modality 'x'"),

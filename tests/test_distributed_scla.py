@@ -9,15 +9,9 @@ raised here with its traceback.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from cascla_ext import ops, reference
@@ -31,76 +25,14 @@ from cascla_ext.distributed import (
     scla_loss_global,
 )
 from cascla_ext.nn.scla import balanced_scale
+from spawn_helpers import assert_close, requires_gloo, run_distributed
 
-GLOO_OK = dist.is_available() and dist.is_gloo_available()
-requires_gloo = pytest.mark.skipif(
-    not GLOO_OK, reason="torch.distributed or its gloo backend is not available in this torch build")
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 K, D, D_IN = 4, 6, 5
 PARAMS = [(2.0, 0.5, 1.0), (0.0, 0.0, 0.5), (1.0, 2.0, 1.5)]  # (alpha, beta, gamma)
 # Uneven shards: a single-anchor rank, an empty rank; rank 0's shard never has class K - 1.
 LAYOUTS = {2: [(5, 2), (9, 1)], 3: [(5, 2, 9), (5, 1, 9), (4, 0, 3)]}
-
-
-def assert_close(actual, expected, rtol, atol, msg=""):
-    """torch.testing.assert_close for plain tensors of one dtype; that one, with
-    torch.distributed initialised, first imports torch.distributed.tensor
-    (and sympy): seconds in every worker."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
-        f"{msg}: {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
-    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
-        err = (actual - expected).abs().max().item()
-        raise AssertionError(f"{msg}: max abs difference {err:.3g} (rtol {rtol}, atol {atol})")
-
-
-# --------------------------------------------------------------------------
-# Spawning helpers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _start_method() -> str:
-    """"forkserver" where there is one (Linux): the workers are forked from a
-    fresh server process that has imported torch and cascla_ext once (nothing
-    of this pytest process is inherited, as with spawn, and a world of 3 does
-    not import torch 3 times over; torch._dynamo too, which DDP imports:
-    seconds per worker otherwise); "spawn" elsewhere."""
-    methods = mp.get_all_start_methods()
-    if "forkserver" not in methods:
-        return "spawn"
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "cascla_ext"])
-    return "forkserver"
-
-
-def run_distributed(fn, world_size: int, *args, timeout: float = 120.0) -> None:
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` new processes
-    with a gloo process group; re-raises a worker's exception; kills the
-    workers (only those) if they are not done within ``timeout`` seconds."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size,
-                                 join=False, start_method=_start_method())
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"distributed workers did not finish within {timeout} s")
 
 
 # --------------------------------------------------------------------------

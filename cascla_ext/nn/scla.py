@@ -53,6 +53,12 @@ class SCLALoss(nn.Module):
             defaults to "balanced".
         backend: "fused" (the C++/CUDA op, default) or "reference" (pure
             PyTorch with the M x M covariances, for debugging).
+        scope: in a ``torch.distributed`` run, "local" (each rank's own
+            anchors) or "global" (the union of all ranks' anchors:
+            :func:`cascla_ext.distributed.scla_loss_global` and
+            ``balanced_scale_global``, with the dropout mask on z drawn on
+            rank 0 and broadcast, so z is the same on every rank; docs/distributed.md).
+            Without a process group of several ranks, both are the local loss.
 
     ``forward(f, y, f_aug=None)``: f (M, d) features of the valid utterances,
     y (M,) their labels in [0, K), f_aug None, a (P, M, d) tensor or a
@@ -75,6 +81,7 @@ class SCLALoss(nn.Module):
         reduction: str = "mean",
         normalization: str = "literal",
         backend: str = "fused",
+        scope: str = "local",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -96,10 +103,14 @@ class SCLALoss(nn.Module):
             raise ValueError(f"SCLALoss: expected normalization 'literal' or 'balanced', got {normalization!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"SCLALoss: expected backend 'fused' or 'reference', got {backend!r}")
+        if scope not in ("local", "global"):
+            raise ValueError(f"SCLALoss: expected scope 'local' or 'global', got {scope!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes, self.dim, self.embedding_dim = num_classes, dim, embedding_dim
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.reduction, self.backend, self.normalization = reduction, backend, normalization
+        self.scope = scope
+        self.group = None  # the process group of the global scope (None: the default one)
         self.embedding = nn.Embedding(num_classes, embedding_dim, **factory)  # Emb (Eq. 11)
         self.proj = nn.Linear(embedding_dim, dim, **factory)  # W_g, b_g (Eq. 10)
         self.dropout = nn.Dropout(dropout)
@@ -107,7 +118,24 @@ class SCLALoss(nn.Module):
     def label_embeddings(self) -> Tensor:
         """z (K, dim) = Dropout(ReLU(W_g ReLU(Emb(k)) + b_g)), as forward uses it."""
         e = F.relu(self.embedding.weight)
-        return self.dropout(F.relu(self.proj(e)))
+        z = F.relu(self.proj(e))
+        p = self.dropout.p
+        if self._global() and self.training and p > 0:
+            # One mask for every rank (rank 0's draw): z must be replicated.
+            import torch.distributed as dist
+
+            keep = torch.empty_like(z, requires_grad=False).bernoulli_(1 - p)
+            dist.broadcast(keep, src=0, group=self.group)
+            return z * keep / (1 - p)
+        return self.dropout(z)
+
+    def _global(self) -> bool:
+        """The global scope in a run of several ranks."""
+        if self.scope != "global":
+            return False
+        from ..distributed import is_distributed
+
+        return is_distributed()
 
     @property
     def embeddings(self) -> Tensor:
@@ -119,16 +147,25 @@ class SCLALoss(nn.Module):
         if f_aug is not None and not isinstance(f_aug, Tensor):
             f_aug = torch.stack(list(f_aug)) if len(f_aug) else None
         z = self.label_embeddings().to(f.dtype)
+        views = 0 if f_aug is None else f_aug.shape[0]
+        if self._global():
+            from ..distributed import balanced_scale_global, scla_loss_global
+
+            loss = scla_loss_global(f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction,
+                                    group=self.group)
+            if self.normalization == "balanced":
+                loss = loss * balanced_scale_global(y, self.num_classes, self.gamma, views, group=self.group,
+                                                    dtype=loss.dtype)
+            return loss
         loss = _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
         if self.normalization == "balanced":
-            loss = loss * balanced_scale(y, self.num_classes, self.gamma, 0 if f_aug is None else f_aug.shape[0],
-                                         f.dtype)
+            loss = loss * balanced_scale(y, self.num_classes, self.gamma, views, f.dtype)
         return loss
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, embedding_dim={self.embedding_dim}, "
                 f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, reduction={self.reduction!r}, "
-                f"normalization={self.normalization!r}, backend={self.backend!r}")
+                f"normalization={self.normalization!r}, backend={self.backend!r}, scope={self.scope!r}")
 
 
 def balanced_scale(y: Tensor, num_classes: int, gamma: float, num_views: int, dtype: torch.dtype) -> Tensor:

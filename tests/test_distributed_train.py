@@ -1,0 +1,132 @@
+"""Distributed training (issue 16): a step of a 2-rank DistributedDataParallel
+run is the single-process step on the same global batch.
+
+Each spawned worker (gloo, CPU) builds the same model twice from one seed:
+one takes the single-process step on the whole global batch, the other is
+wrapped in DDP and takes the step on its rank's share of the batch exactly
+as ``cascla_ext.train`` does (``_rank_share``, ``global_label_counts``,
+``_step_values``). The losses and every parameter's gradient must agree to
+1e-5 (float32). Dropout is off (its masks are drawn per rank:
+docs/distributed.md); the label-embedding dropout mask is checked to be
+the same on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from cascla_ext import CaSCLA, CaSCLAConfig, collate
+from cascla_ext.distributed import global_label_counts
+from cascla_ext.train import _rank_share, _step_values
+from spawn_helpers import assert_close, requires_gloo, run_distributed
+
+pytestmark = requires_gloo
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _config(meta, **overrides) -> CaSCLAConfig:
+    names, dims, clue_dim, prior = meta
+    values = dict(num_classes=len(names), input_dims=dims, clue_dim=clue_dim, class_prior=prior, dropout=0.0,
+                  label_dropout=0.0)
+    return CaSCLAConfig.small(**{**values, **overrides})
+
+
+def _check_step(config, names, chosen, where):
+    """One single-process step and one DDP step from the same weights: same loss, terms, gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    single = CaSCLA(config, names)
+    model = copy.deepcopy(single)
+    out = single(collate(chosen, config.modalities), grad_norms=True)
+    out.loss.backward()
+
+    model.distribute("global")
+    net = DistributedDataParallel(model)  # as train() with the global scope
+    batch = collate(_rank_share(chosen), config.modalities)
+    counts = global_label_counts(batch.labels, batch.mask, config.num_classes)
+    dout = net(batch, grad_norms=True, label_counts=counts)
+    dout.loss.backward()
+    for p in dout.no_grad:  # as train()
+        p.grad = None
+
+    values = _step_values(dout, config, dist.get_world_size())
+    assert set(values) == {"loss", *out.losses}, f"{where}: terms {set(values)} vs {set(out.losses)}"
+    for k, v in values.items():
+        expected = out.loss if k == "loss" else out.losses[k]
+        assert_close(torch.tensor(v, dtype=torch.float32), expected.detach(), **TOL, msg=f"{where}: {k}")
+    assert set(dout.grad_norms) == set(out.grad_norms), where
+    for k, v in out.grad_norms.items():
+        assert abs(dout.grad_norms[k] - v) <= 1e-4 * max(1.0, v), f"{where}: grad norm {k}"
+    checked = 0
+    for (name, p), q in zip(single.named_parameters(), model.parameters()):
+        if p.grad is None:  # unused in the single-process step: untouched by DDP too
+            assert q.grad is None, f"{where}: {name} has a gradient, single-process none"
+            continue
+        assert_close(q.grad, p.grad, **TOL, msg=f"{where}: gradient of {name}")
+        checked += 1
+    assert checked > 10, where
+
+
+def _step_worker(rank, world, meta, overrides, layouts):
+    config = _config(meta, **overrides)
+    for chosen in layouts:
+        _check_step(config, meta[0], chosen, f"{overrides} {len(chosen)} dialogues rank {rank}")
+
+
+def _edge_worker(rank, world, meta, cases):
+    for overrides, chosen, what in cases:
+        _check_step(_config(meta, **overrides), meta[0], chosen, f"{what} rank {rank}")
+    # The label-embedding dropout: one mask, the same z on every rank.
+    model = CaSCLA(_config(meta, label_dropout=0.5), meta[0])
+    model.distribute("global")
+    model.train()
+    z = model.scla.label_embeddings().detach()
+    zs = [torch.empty_like(z) for _ in range(world)]
+    dist.all_gather(zs, z)
+    assert all(torch.equal(zs[0], other) for other in zs[1:])
+    assert (z == 0).float().mean() > 0.2  # the dropout is on
+
+
+def _meta(corpus):
+    return corpus.label_names, corpus.input_dims, corpus.clue_dim, corpus.class_prior()
+
+
+def _hide_labels(d, keep: int):
+    labels = np.full(len(d), -1, dtype=np.int64)
+    labels[:keep] = d.labels[:keep]
+    import dataclasses
+
+    return dataclasses.replace(d, labels=labels)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_scla": False}, {"use_ast": False}, {"use_causal": False}],
+                         ids=["full", "no_scla", "no_ast", "no_causal"])
+def test_two_rank_step_equals_single_process_step(synthetic, overrides):
+    """AST, the textual view and SCLA on (and each ablation): 2 ranks with
+    shares of 3 and 2 dialogues; and 3 dialogues of very different lengths."""
+    train = synthetic.split("train")
+    layouts = [train[:5], train[10:13]]
+    run_distributed(_step_worker, 2, _meta(synthetic), overrides, layouts, timeout=120)
+
+
+def test_two_rank_step_edge_cases(synthetic):
+    """A rank without a dialogue (a last batch of one), a rank without a
+    labelled utterance, one labelled utterance over both ranks (no SCLA term:
+    its parameters get no gradient), the weighted and focal classifier
+    losses (global denominators) and the literal SCLA scale."""
+    train = synthetic.split("train")
+    cases = [
+        ({}, train[20:21], "one dialogue"),
+        ({}, [train[21], _hide_labels(train[22], 0)], "rank 1 unlabelled"),
+        ({}, [_hide_labels(train[23], 1), _hide_labels(train[24], 0)], "one labelled utterance"),
+        ({"classifier_loss": "weighted_ce"}, train[25:30], "weighted_ce"),
+        ({"classifier_loss": "focal"}, train[25:30], "focal"),
+        ({"scla_normalization": "literal"}, train[25:30], "literal"),
+    ]
+    run_distributed(_edge_worker, 2, _meta(synthetic), cases, timeout=120)
