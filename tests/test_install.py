@@ -295,6 +295,10 @@ def test_installed_distribution_pins_its_torch():
     assert erc == ERC_PACKAGES
     files = [str(f) for f in (dist.files or [])]
     assert not [f for f in files if f.endswith("_build_info.py.in")], "the wheel ships the template"
+    from cascla_ext import presets
+
+    shipped = {Path(f).name for f in files if "/tuned/" in f.replace("\\", "/") and f.endswith(".json")}
+    assert shipped == {f"{name}.json" for name in presets.tuned_presets()}, "the wheel lacks a tuned preset"
     wheel = dist.read_text("WHEEL") or ""
     tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
     assert tags and all(t.startswith("py3-none-") for t in tags), tags
