@@ -9,13 +9,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec.h"
 #include "tr_attention.h"
 #include "tr_attention_ring.h"
-#include <cstring>
 
 namespace cascla {
 namespace {
@@ -141,35 +142,7 @@ int64_t row_grain(const TrRing& ring) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1));
 }
 
-// The utterance loops, compiled for any CPU and, on x86-64 with GCC, again
-// for AVX2 + FMA; has_avx2() picks one at run time.
-namespace tr_cpu_base {
-#define CASCLA_TR_VEC_BYTES 16
-#include "cpu/tr_attention_rows.inc"
-#undef CASCLA_TR_VEC_BYTES
-}  // namespace tr_cpu_base
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CASCLA_TR_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace tr_cpu_avx2 {
-#define CASCLA_TR_VEC_BYTES 32
-#include "cpu/tr_attention_rows.inc"
-#undef CASCLA_TR_VEC_BYTES
-}  // namespace tr_cpu_avx2
-#pragma GCC pop_options
-#endif
-
-bool has_avx2() {
-#ifdef CASCLA_TR_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
+// The vectorised loops, per instruction set, and the table of them.
 template <typename scalar_t>
 struct RowKernels {
   decltype(Ctx<scalar_t>::gemm) gemm;
@@ -180,18 +153,13 @@ struct RowKernels {
   void (*grad_rows)(const Ctx<scalar_t>&, int64_t, int64_t);
 };
 
+#define CASCLA_ROWS_FILE "cpu/tr_attention_rows.inc"
+#include "cpu/isa_variants.inc"
+
 template <typename scalar_t>
 RowKernels<scalar_t> row_kernels() {
-#ifdef CASCLA_TR_HAVE_AVX2
-  if (has_avx2()) {
-    namespace k = tr_cpu_avx2;
-    return {k::gemm<scalar_t>, k::theta_rows<scalar_t>, k::pool<scalar_t>, k::out_rows<scalar_t>,
-            k::grad_pool<scalar_t>, k::grad_rows<scalar_t>};
-  }
-#endif
-  namespace k = tr_cpu_base;
-  return {k::gemm<scalar_t>, k::theta_rows<scalar_t>, k::pool<scalar_t>, k::out_rows<scalar_t>,
-          k::grad_pool<scalar_t>, k::grad_rows<scalar_t>};
+  return vec::cpu_has_avx2() ? isa_avx2::row_kernels<scalar_t>()
+                             : isa_base::row_kernels<scalar_t>();
 }
 
 template <typename scalar_t>
