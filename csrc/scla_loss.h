@@ -45,6 +45,10 @@ struct SclaKernels {
   // row y[r % M] (weight: float64 (R,), or undefined for 1).
   void (*class_sums)(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
                      at::Tensor& out);
+  // out (K,) float64 = (M / n_c)^gamma per class c, n_c its count in y (M,),
+  // 0 for classes absent from y (no anchor reads them). Computed where y
+  // lives, so the backward reads no labels back from a GPU.
+  void (*class_weights)(const at::Tensor& y, double gamma, at::Tensor& out);
   // loss (M,) float64: class_weight[y_i] * (l_pos_i + l_neg_i).
   void (*anchor_forward)(const SclaAnchorArgs& a, at::Tensor& loss);
   // d_logits (M, K) and d_aug (P, M), float64: the gradient of

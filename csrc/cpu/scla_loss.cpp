@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "scla_loss.h"
 #include "scla_loss_anchor.h"
@@ -65,6 +67,16 @@ void class_sums_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     else
       class_sums_impl<scalar_t, false>(x, y, weight, out);
   });
+}
+
+void class_weights_cpu(const at::Tensor& y, double gamma, at::Tensor& out) {
+  const int64_t M = y.size(0), K = out.size(0);
+  const int64_t* yp = y.const_data_ptr<int64_t>();
+  std::vector<int64_t> n(static_cast<size_t>(K), 0);
+  for (int64_t i = 0; i < M; ++i) ++n[yp[i]];
+  double* w = out.data_ptr<double>();
+  for (int64_t c = 0; c < K; ++c)
+    w[c] = n[c] > 0 ? std::pow(static_cast<double>(M) / static_cast<double>(n[c]), gamma) : 0.0;
 }
 
 // Anchors per parallel chunk: each costs O((K + P)^2) exp/log.
@@ -137,8 +149,8 @@ void gather_rows_cpu(const at::Tensor& v, const at::Tensor& y, const at::Tensor&
   });
 }
 
-constexpr SclaKernels kCpuKernels{class_sums_cpu, anchor_forward_cpu, anchor_backward_cpu,
-                                  gather_rows_cpu};
+constexpr SclaKernels kCpuKernels{class_sums_cpu, class_weights_cpu, anchor_forward_cpu,
+                                  anchor_backward_cpu, gather_rows_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cpu(
     const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,

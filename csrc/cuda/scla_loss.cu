@@ -100,6 +100,36 @@ void class_sums_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------
+// Class weights: one block counts the labels (integer atomics: exact), then
+// (M / n_c)^gamma per class. No label is read back to the host.
+
+__global__ void __launch_bounds__(kThreads)
+class_weights_kernel(int64_t M, int64_t K, double gamma, const int64_t* __restrict__ y,
+                     unsigned long long* __restrict__ counts, double* __restrict__ w) {
+  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
+    const int64_t c = y[i];
+    CUDA_KERNEL_ASSERT(c >= 0 && c < K);  // the forward checked them on the host
+    if (c >= 0 && c < K) atomicAdd(counts + c, 1ull);
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    const unsigned long long n = counts[c];
+    w[c] = n > 0 ? pow(static_cast<double>(M) / static_cast<double>(n), gamma) : 0.0;
+  }
+}
+
+void class_weights_cuda(const at::Tensor& y, double gamma, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t M = y.size(0), K = out.size(0);
+  const at::Tensor counts = at::zeros({K}, y.options());  // int64, read as unsigned
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  class_weights_kernel<<<1, kThreads, 0, stream>>>(
+      M, K, gamma, y.const_data_ptr<int64_t>(),
+      reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------
 // The per-anchor pass: one thread per anchor.
 
 template <typename scalar_t>
@@ -208,8 +238,8 @@ void gather_rows_cuda(const at::Tensor& v, const at::Tensor& y, const at::Tensor
   });
 }
 
-constexpr SclaKernels kCudaKernels{class_sums_cuda, anchor_forward_cuda, anchor_backward_cuda,
-                                   gather_rows_cuda};
+constexpr SclaKernels kCudaKernels{class_sums_cuda, class_weights_cuda, anchor_forward_cuda,
+                                   anchor_backward_cuda, gather_rows_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cuda(
     const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
