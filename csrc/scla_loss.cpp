@@ -100,8 +100,8 @@ at::Tensor aug_similarities(const at::Tensor& aug, const at::Tensor& W, const at
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction, const SclaKernels& k) {
+    const SclaKernels& k, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
+    const at::Tensor& y, double alpha, double beta, double gamma, c10::string_view reduction) {
   const auto [M, d, K, P] = check_scla_args(kOp, f, f_aug, z);
   const Reduction red = parse_reduction(kOp, reduction);
   check_params(kOp, alpha, beta, gamma);
@@ -130,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction, const SclaKernels& k) {
+    const SclaKernels& k, const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug,
+    const at::Tensor& z, const at::Tensor& y, const at::Tensor& logits,
+    const at::Tensor& aug_logits, const at::Tensor& class_sums, double alpha, double beta,
+    double gamma, c10::string_view reduction) {
   const auto [M, d, K, P] = check_scla_args(kBwd, f, f_aug, z);
   const Reduction red = parse_reduction(kBwd, reduction);
   check_params(kBwd, alpha, beta, gamma);

@@ -39,7 +39,7 @@ struct SclaAnchorArgs {
   double beta;
 };
 
-// What each device implements. All tensors contiguous and on one device.
+// What a device implements. All tensors contiguous and on one device.
 struct SclaKernels {
   // out (K, d) float64 = sum over rows r of x (R, d) of weight[r] * x[r] into
   // row y[r % M] (weight: float64 (R,), or undefined for 1).
@@ -61,17 +61,18 @@ struct SclaKernels {
                       bool accumulate, at::Tensor& out);
 };
 
+// The drivers (registered per device with with_kernels, csrc/kernel_table.h).
 // Returns (loss, logits, aug_logits, class_sums): loss () or (M,) per
 // reduction; the others are what the backward needs (class_sums is Sf in float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction, const SclaKernels& k);
+    const SclaKernels& k, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
+    const at::Tensor& y, double alpha, double beta, double gamma, c10::string_view reduction);
 
 // Returns (grad_f, grad_f_aug, grad_z).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction, const SclaKernels& k);
+    const SclaKernels& k, const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug,
+    const at::Tensor& z, const at::Tensor& y, const at::Tensor& logits,
+    const at::Tensor& aug_logits, const at::Tensor& class_sums, double alpha, double beta,
+    double gamma, c10::string_view reduction);
 
 }  // namespace cascla

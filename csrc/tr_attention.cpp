@@ -141,8 +141,8 @@ void check_list(const char* op, const char* name, at::TensorList list, const at:
 }  // namespace
 
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale, TrForwardKernel kernel) {
+    const TrKernels& k, at::TensorList q1, at::TensorList q2, at::TensorList k1,
+    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale) {
   TrRing ring = check_ring(kOp, q1, q2, k1, k2, mask, scale);
   const at::Tensor& ref = q1[0];
   c10::DeviceGuard guard(ref.device());
@@ -163,14 +163,14 @@ std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
   }
   st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
   st.ring = std::move(ring);
-  if (B > 0) kernel(st);
+  if (B > 0) k.forward(st);
   return {st.out, st.theta, st.pooled};
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled, TrBackwardKernel kernel) {
+    const TrKernels& k, at::TensorList grad_out, at::TensorList q1, at::TensorList q2,
+    at::TensorList k1, at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
+    at::TensorList theta, at::TensorList pooled) {
   TrRing ring = check_ring(kBwd, q1, q2, k1, k2, mask, scale);
   const at::Tensor& ref = q1[0];
   const int n = ring.n();
@@ -203,7 +203,7 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
   }
   st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
   st.ring = std::move(ring);
-  if (B > 0) kernel(st);
+  if (B > 0) k.backward(st);
   return {st.dq1, st.dq2, st.dk1, st.dk2};
 }
 

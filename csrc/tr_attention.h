@@ -67,18 +67,22 @@ struct TrBackwardState {
   std::vector<at::Tensor> dq1, dq2, dk1, dk2;  // written
 };
 
-using TrForwardKernel = void (*)(TrForwardState&);
-using TrBackwardKernel = void (*)(TrBackwardState&);
+// What a device implements: the fused passes, forward and backward.
+struct TrKernels {
+  void (*forward)(TrForwardState&);
+  void (*backward)(TrBackwardState&);
+};
 
 using TensorVec = std::vector<at::Tensor>;
 
+// The drivers (registered per device with with_kernels, csrc/kernel_table.h).
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale, TrForwardKernel kernel);
+    const TrKernels& k, at::TensorList q1, at::TensorList q2, at::TensorList k1,
+    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale);
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled, TrBackwardKernel kernel);
+    const TrKernels& k, at::TensorList grad_out, at::TensorList q1, at::TensorList q2,
+    at::TensorList k1, at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
+    at::TensorList theta, at::TensorList pooled);
 
 }  // namespace cascla

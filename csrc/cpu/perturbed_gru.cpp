@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "kernel_table.h"
 #include "perturbed_gru.h"
 #include "perturbed_gru_cell.h"
 #include "cpu/vec.h"
@@ -125,11 +126,13 @@ void backward_cpu(GruBackwardState& s) {
   });
 }
 
+constexpr GruKernels kCpuKernels{forward_cpu, backward_cpu};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CPU, m) {
-  m.impl("perturbed_gru", &perturbed_gru_kernel<forward_cpu>);
-  m.impl("perturbed_gru_backward", &perturbed_gru_backward_kernel<backward_cpu>);
+  m.impl("perturbed_gru", with_kernels<perturbed_gru_forward, kCpuKernels>);
+  m.impl("perturbed_gru_backward", with_kernels<perturbed_gru_backward, kCpuKernels>);
 }
 
 }  // namespace cascla

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernel_table.h"
 #include "scla_loss.h"
 #include "scla_loss_anchor.h"
 
@@ -152,26 +153,11 @@ void gather_rows_cpu(const at::Tensor& v, const at::Tensor& y, const at::Tensor&
 constexpr SclaKernels kCpuKernels{class_sums_cpu, class_weights_cpu, anchor_forward_cpu,
                                   anchor_backward_cpu, gather_rows_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cpu(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction) {
-  return scla_loss_forward(f, f_aug, z, y, alpha, beta, gamma, reduction, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction) {
-  return scla_loss_backward(grad, f, f_aug, z, y, logits, aug_logits, class_sums, alpha, beta,
-                            gamma, reduction, kCpuKernels);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CPU, m) {
-  m.impl("scla_loss", &scla_loss_cpu);
-  m.impl("scla_loss_backward", &scla_loss_backward_cpu);
+  m.impl("scla_loss", with_kernels<scla_loss_forward, kCpuKernels>);
+  m.impl("scla_loss_backward", with_kernels<scla_loss_backward, kCpuKernels>);
 }
 
 }  // namespace cascla

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/vec.h"
+#include "kernel_table.h"
 #include "tr_attention.h"
 #include "tr_attention_ring.h"
 
@@ -241,25 +242,13 @@ void backward_cpu(TrBackwardState& st) {
                              [&] { backward_impl<scalar_t>(st); });
 }
 
-std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_cpu(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale) {
-  return tr_attention_forward(q1, q2, k1, k2, mask, scale, forward_cpu);
-}
-
-std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward_cpu(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled) {
-  return tr_attention_backward(grad_out, q1, q2, k1, k2, mask, scale, theta, pooled,
-                               backward_cpu);
-}
+constexpr TrKernels kCpuKernels{forward_cpu, backward_cpu};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CPU, m) {
-  m.impl("tr_attention", &tr_attention_cpu);
-  m.impl("tr_attention_backward", &tr_attention_backward_cpu);
+  m.impl("tr_attention", with_kernels<tr_attention_forward, kCpuKernels>);
+  m.impl("tr_attention_backward", with_kernels<tr_attention_backward, kCpuKernels>);
 }
 
 }  // namespace cascla

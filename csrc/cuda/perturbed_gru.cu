@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "kernel_table.h"
 #include "perturbed_gru.h"
 #include "perturbed_gru_cell.h"
 
@@ -296,11 +297,13 @@ void backward_cuda(GruBackwardState& s) {
   });
 }
 
+constexpr GruKernels kCudaKernels{forward_cuda, backward_cuda};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("perturbed_gru", &perturbed_gru_kernel<forward_cuda>);
-  m.impl("perturbed_gru_backward", &perturbed_gru_backward_kernel<backward_cuda>);
+  m.impl("perturbed_gru", with_kernels<perturbed_gru_forward, kCudaKernels>);
+  m.impl("perturbed_gru_backward", with_kernels<perturbed_gru_backward, kCudaKernels>);
 }
 
 }  // namespace cascla

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "kernel_table.h"
 #include "scla_loss.h"
 #include "scla_loss_anchor.h"
 
@@ -241,26 +242,11 @@ void gather_rows_cuda(const at::Tensor& v, const at::Tensor& y, const at::Tensor
 constexpr SclaKernels kCudaKernels{class_sums_cuda, class_weights_cuda, anchor_forward_cuda,
                                    anchor_backward_cuda, gather_rows_cuda};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cuda(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction) {
-  return scla_loss_forward(f, f_aug, z, y, alpha, beta, gamma, reduction, kCudaKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction) {
-  return scla_loss_backward(grad, f, f_aug, z, y, logits, aug_logits, class_sums, alpha, beta,
-                            gamma, reduction, kCudaKernels);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("scla_loss", &scla_loss_cuda);
-  m.impl("scla_loss_backward", &scla_loss_backward_cuda);
+  m.impl("scla_loss", with_kernels<scla_loss_forward, kCudaKernels>);
+  m.impl("scla_loss_backward", with_kernels<scla_loss_backward, kCudaKernels>);
 }
 
 }  // namespace cascla

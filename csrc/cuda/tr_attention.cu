@@ -31,6 +31,7 @@
 #include <climits>
 
 #include "cuda/tr_attention_kernels.cuh"
+#include "kernel_table.h"
 #include "tr_attention.h"
 #include "tr_attention_ring.h"
 
@@ -119,25 +120,13 @@ void backward_cuda(TrBackwardState& st) {
   });
 }
 
-std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_cuda(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale) {
-  return tr_attention_forward(q1, q2, k1, k2, mask, scale, forward_cuda);
-}
-
-std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward_cuda(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled) {
-  return tr_attention_backward(grad_out, q1, q2, k1, k2, mask, scale, theta, pooled,
-                               backward_cuda);
-}
+constexpr TrKernels kCudaKernels{forward_cuda, backward_cuda};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("tr_attention", &tr_attention_cuda);
-  m.impl("tr_attention_backward", &tr_attention_backward_cuda);
+  m.impl("tr_attention", with_kernels<tr_attention_forward, kCudaKernels>);
+  m.impl("tr_attention_backward", with_kernels<tr_attention_backward, kCudaKernels>);
 }
 
 }  // namespace cascla

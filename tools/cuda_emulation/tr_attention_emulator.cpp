@@ -152,10 +152,12 @@ void backward_emulated(TrBackwardState& st) {
   });
 }
 
+constexpr TrKernels kEmulated{forward_emulated, backward_emulated};
+
 std::vector<at::Tensor> forward(std::vector<at::Tensor> q1, std::vector<at::Tensor> q2,
                                 std::vector<at::Tensor> k1, std::vector<at::Tensor> k2,
                                 at::Tensor mask, std::optional<double> scale) {
-  auto [out, theta, pooled] = tr_attention_forward(q1, q2, k1, k2, mask, scale, forward_emulated);
+  auto [out, theta, pooled] = tr_attention_forward(kEmulated, q1, q2, k1, k2, mask, scale);
   std::vector<at::Tensor> all = out;
   all.insert(all.end(), theta.begin(), theta.end());
   all.insert(all.end(), pooled.begin(), pooled.end());
@@ -167,8 +169,8 @@ std::vector<at::Tensor> backward(std::vector<at::Tensor> grad_out, std::vector<a
                                  std::vector<at::Tensor> k2, at::Tensor mask,
                                  std::optional<double> scale, std::vector<at::Tensor> theta,
                                  std::vector<at::Tensor> pooled) {
-  auto [dq1, dq2, dk1, dk2] = tr_attention_backward(grad_out, q1, q2, k1, k2, mask, scale, theta,
-                                                    pooled, backward_emulated);
+  auto [dq1, dq2, dk1, dk2] = tr_attention_backward(kEmulated, grad_out, q1, q2, k1, k2, mask, scale,
+                                                    theta, pooled);
   std::vector<at::Tensor> all;
   for (const auto& list : {dq1, dq2, dk1, dk2}) all.insert(all.end(), list.begin(), list.end());
   return all;
