@@ -1,10 +1,15 @@
-// tr_attention, CUDA: the kernels (the launchers are in tr_attention.cu).
-// Kept apart from the launchers so that the device code reads on its own, and
-// so that tools/emulate_cuda_tr_attention.py can run it on the CPU, thread by
-// thread, where there is no GPU.
+// tr_attention, CUDA: the kernels and their launch sequence (run_forward,
+// run_backward). csrc/cuda/tr_attention.cu runs them on the GPU;
+// tools/emulate_cuda_tr_attention.py runs the same code on the CPU, thread by
+// thread, where there is no GPU. Every reduction runs in a fixed order, so
+// results do not depend on scheduling.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <climits>
 
 #include <cmath>
 #include <cstdint>
@@ -370,6 +375,96 @@ inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::T
   a.mask = mask.data_ptr<bool>();
   a.ws = workspace.data_ptr<scalar_t>();
   return a;
+}
+
+// ---- the launch sequence ----
+//
+// One sequence for the GPU (csrc/cuda/tr_attention.cu) and for the CPU
+// emulator (tools/cuda_emulation/tr_attention_emulator.cpp), so that the
+// emulator runs the code the GPU runs. launch(grid, kernel, args) runs
+// kernel(args) over grid with kThreads threads per block, in launch order.
+//
+//   forward:  theta_kernel   one block per (dialogue, modality, chunk of 16
+//                            utterances), a warp per utterance: Theta's softmax
+//                            rows and their partial sum over the chunk
+//             ring_kernel    one block per dialogue: the means A_m (the partials
+//                            summed in a fixed order), then the ring products
+//                            P_m (tr_attention_ring.h)
+//             out_kernel     one warp per (utterance, modality): Out = Theta P
+//   backward: dP_kernel      one block per (dialogue, modality, chunk of 16
+//                            utterances): partial sums of Theta^T dOut
+//             ring_grad_kernel  one block per dialogue: P_m again, dP_m (the
+//                            partials summed in a fixed order), the ring backward
+//                            to dA_m, divided by the count
+//             grad_kernel    one warp per (utterance, modality): dTheta, the
+//                            softmax backward, the gradients of q1, k1, q2, k2
+
+inline void check_cuda_sizes(const TrRing& R) {
+  TORCH_CHECK_VALUE(R.n() <= kMaxRing, "tr_attention: at most ", kMaxRing,
+                    " modalities on CUDA, got n = ", R.n());
+  const int64_t row_blocks = (R.B * R.T + kWarps - 1) / kWarps;
+  TORCH_CHECK_VALUE(row_blocks <= INT_MAX && R.B <= INT_MAX,
+                    "tr_attention: B * T = ", R.B * R.T, " is too large for one CUDA launch");
+  TORCH_CHECK_VALUE((R.T + kChunk - 1) / kChunk <= 65535, "tr_attention: T = ", R.T,
+                    " is too large for the CUDA backward (at most ", 65535 * kChunk, ")");
+}
+
+template <typename Launch>
+void run_forward(TrForwardState& st, const Launch& launch) {
+  const TrRing& R = st.ring;
+  check_cuda_sizes(R);
+  const int64_t rows = R.B * R.T;
+  const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
+  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
+  const at::Tensor partial = at::empty({R.B * std::max<int64_t>(chunks, 1) * R.sum_pairs()},
+                                       st.q1[0].options());
+  AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_cuda", [&] {
+    auto a = ring_args<scalar_t>(R, st.mask, st.workspace, st.q1, st.q2, st.k1, st.k2, st.theta,
+                                 st.pooled);
+    for (int m = 0; m < a.n; ++m) a.out[m] = st.out[m].data_ptr<scalar_t>();
+    a.partial = partial.data_ptr<scalar_t>();
+    a.chunks = chunks;
+    if (rows > 0) {
+      const dim3 chunk_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
+      launch(chunk_grid, theta_kernel<scalar_t>, a);
+    }
+    launch(dim3(static_cast<unsigned>(R.B)), ring_kernel<scalar_t>, a);
+    if (rows > 0) launch(row_grid, out_kernel<scalar_t>, a);
+  });
+}
+
+template <typename Launch>
+void run_backward(TrBackwardState& st, const Launch& launch) {
+  const TrRing& R = st.ring;
+  check_cuda_sizes(R);
+  const int64_t rows = R.B * R.T;
+  if (rows == 0) return;  // every gradient is empty
+  const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
+  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
+  const auto opts = st.q1[0].options();
+  const at::Tensor scratch = at::empty({R.sum_pairs() * rows}, opts);
+  const at::Tensor partial =
+      R.n() >= 2 ? at::empty({R.B * chunks * R.sum_pairs()}, opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_backward_cuda", [&] {
+    auto a = ring_args<scalar_t>(R, st.mask, st.workspace, st.q1, st.q2, st.k1, st.k2, st.theta,
+                                 st.pooled);
+    for (int m = 0; m < a.n; ++m) {
+      a.grad_out[m] = st.grad_out[m].data_ptr<scalar_t>();
+      a.dq1[m] = st.dq1[m].data_ptr<scalar_t>();
+      a.dq2[m] = st.dq2[m].data_ptr<scalar_t>();
+      a.dk1[m] = st.dk1[m].data_ptr<scalar_t>();
+      a.dk2[m] = st.dk2[m].data_ptr<scalar_t>();
+    }
+    a.scratch = scratch.data_ptr<scalar_t>();
+    a.chunks = chunks;
+    if (a.n >= 2) {
+      a.partial = partial.data_ptr<scalar_t>();
+      const dim3 dP_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
+      launch(dP_grid, dP_kernel<scalar_t>, a);
+      launch(dim3(static_cast<unsigned>(R.B)), ring_grad_kernel<scalar_t>, a);
+    }
+    launch(row_grid, grad_kernel<scalar_t>, a);
+  });
 }
 
 }  // namespace tr_cuda
