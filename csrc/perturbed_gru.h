@@ -1,6 +1,7 @@
 // perturbed_gru: the device-independent driver and the kernel table that the
-// CPU (csrc/cpu/perturbed_gru.cpp) and CUDA (csrc/cuda/perturbed_gru.cu)
-// recurrences fill. Spec: ../shared/spec/ops.md section 1.
+// CPU (csrc/cpu/perturbed_gru_cpu.cpp) and CUDA (csrc/cuda/perturbed_gru_cuda.cu)
+// recurrences fill. Spec: ../shared/spec/ops.md section 1; the gate math
+// shared by both: perturbed_gru_math.h.
 //
 // Structure (after lmnt-com/haste): the driver does one GEMM for the input
 // projections of all steps; the device's forward recurrence then runs the

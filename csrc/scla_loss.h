@@ -1,6 +1,7 @@
-// scla_loss: the device-independent driver and the interface that the CPU
-// (csrc/cpu/scla_loss.cpp) and CUDA (csrc/cuda/scla_loss.cu) kernels
-// implement. Spec: ../shared/spec/ops.md section 3.
+// scla_loss: the device-independent driver and the kernel table (SclaKernels)
+// that the CPU (csrc/cpu/scla_loss_cpu.cpp) and CUDA
+// (csrc/cuda/scla_loss_cuda.cu) kernels fill. Spec: ../shared/spec/ops.md
+// section 3; the per-anchor math shared by both: scla_loss_math.h.
 //
 // How the M x M covariances disappear. With u-c = u - u-bar (centred) and
 // G = zc zc^T / (d - 1) the K x K label covariances, the sum over l regroups
@@ -11,7 +12,7 @@
 //     Sim(g, z_j) = g . W_j,   W = z / (M - 1) - G S / (2 (d - 1))   (K x d).
 // Forward: the class sums Sf (one pass over f, float64), W (O(K^2 d)), then
 // the logits f W^T and f_aug W^T (GEMMs, O(M K d)), and the per-anchor loss
-// (scla_loss_anchor.h) in one fused pass.
+// (scla_loss_math.h) in one fused pass.
 // Backward: the fused pass gives d loss / d logits; then
 //     grad f      = dS W + gSf[y]            (a GEMM, then a gather-add)
 //     grad f_aug  = dA[p, i] W[y_i]          (a gather)

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "checks.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 

@@ -1,7 +1,8 @@
 // tr_attention: the device-independent driver (argument checks, allocation)
-// and the interface that the CPU (csrc/cpu/tr_attention.cpp) and CUDA
-// (csrc/cuda/tr_attention.cu) kernels implement. Spec: ../shared/spec/ops.md
-// section 2; the ring products shared by both kernels: tr_attention_ring.h.
+// and the kernel table (TrKernels) that the CPU (csrc/cpu/tr_attention_cpu.cpp)
+// and CUDA (csrc/cuda/tr_attention_cuda.cu) kernels fill. Spec:
+// ../shared/spec/ops.md section 2; the ring products and logits shared by
+// both kernels: tr_attention_math.h.
 //
 // Structure: one fused pass per dialogue, forward and backward.
 //   forward:  Theta_m[t] (softmax rows) -> A_m (masked mean over t) -> the ring
@@ -37,7 +38,9 @@ struct TrRing {
   int64_t pair_offset(int m) const;
   int64_t sum_pairs() const;
   // Per-dialogue workspace: P, P^T, dP, dA (sum_pairs() each) and n + 2
-  // scratch matrices of max_rank()^2 (tr_attention_ring.h).
+  // scratch matrices of max_rank()^2: tmp(0 .. n) for the ring products
+  // (tr_attention_math.h), tmp(n + 1) for the CPU's transposed operands. CUDA
+  // uses P, dP, dA and tmp(0 .. n); P^T and tmp(n + 1) are the CPU kernel's.
   int64_t workspace_per_dialogue() const;
   int64_t off_P() const { return 0; }
   int64_t off_PT() const { return sum_pairs(); }

@@ -1,5 +1,5 @@
 // tr_attention, CUDA: the kernels and their launch sequence (run_forward,
-// run_backward). csrc/cuda/tr_attention.cu runs them on the GPU;
+// run_backward). csrc/cuda/tr_attention_cuda.cu runs them on the GPU;
 // tools/emulate_cuda_tr_attention.py runs the same code on the CPU, thread by
 // thread, where there is no GPU. Every reduction runs in a fixed order, so
 // results do not depend on scheduling.
@@ -15,7 +15,7 @@
 #include <cstdint>
 
 #include "tr_attention.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 namespace tr_cuda {
@@ -62,7 +62,7 @@ struct TrArgs {
   }
 };
 
-// The ring view of tr_attention_ring.h over dialogue b.
+// The ring view of tr_attention_math.h over dialogue b.
 template <typename scalar_t>
 struct DeviceView {
   const TrArgs<scalar_t>& a;
@@ -379,7 +379,7 @@ inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::T
 
 // ---- the launch sequence ----
 //
-// One sequence for the GPU (csrc/cuda/tr_attention.cu) and for the CPU
+// One sequence for the GPU (csrc/cuda/tr_attention_cuda.cu) and for the CPU
 // emulator (tools/cuda_emulation/tr_attention_emulator.cpp), so that the
 // emulator runs the code the GPU runs. launch(grid, kernel, args) runs
 // kernel(args) over grid with kThreads threads per block, in launch order.
@@ -389,7 +389,7 @@ inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::T
 //                            rows and their partial sum over the chunk
 //             ring_kernel    one block per dialogue: the means A_m (the partials
 //                            summed in a fixed order), then the ring products
-//                            P_m (tr_attention_ring.h)
+//                            P_m (tr_attention_math.h)
 //             out_kernel     one warp per (utterance, modality): Out = Theta P
 //   backward: dP_kernel      one block per (dialogue, modality, chunk of 16
 //                            utterances): partial sums of Theta^T dOut

@@ -8,7 +8,7 @@
 // W_hh^T (d gh of the previous step) to the carried gradient, then runs the
 // gate backward; a last call adds the final W_hh^T d gh to grad h0.
 // Each block also splits the k reduction across warps (see Tile).
-// All on the current stream. The CPU twin is csrc/cpu/perturbed_gru.cpp.
+// All on the current stream. The CPU twin is csrc/cpu/perturbed_gru_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,7 +17,7 @@
 
 #include "kernel_table.h"
 #include "perturbed_gru.h"
-#include "perturbed_gru_cell.h"
+#include "perturbed_gru_math.h"
 
 namespace cascla {
 namespace {

@@ -1,8 +1,8 @@
 // tr_attention, CPU: one fused pass per dialogue, forward and backward,
 // vectorised over the rank axis (csrc/cpu/tr_attention_rows.inc), parallel over
 // dialogues, or over utterances when there are fewer dialogues than threads.
-// The CUDA twin is csrc/cuda/tr_attention.cu; the ring products of both are
-// csrc/tr_attention_ring.h.
+// The CUDA twin is csrc/cuda/tr_attention_cuda.cu; the ring products of both are
+// csrc/tr_attention_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,13 +17,13 @@
 #include "cpu/vec.h"
 #include "kernel_table.h"
 #include "tr_attention.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 namespace {
 
 // Raw pointers of one call, per modality, and the ring view of
-// tr_attention_ring.h over one dialogue's slice of the workspace.
+// tr_attention_math.h over one dialogue's slice of the workspace.
 template <typename scalar_t>
 struct Ctx {
   const TrRing& ring;

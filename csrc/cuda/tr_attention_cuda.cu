@@ -1,8 +1,8 @@
 // tr_attention, CUDA: the kernels and their launch sequence are
 // csrc/cuda/tr_attention_kernels.cuh (shared with the CPU emulator of
 // tools/cuda_emulation/); here they run on the current stream. The CPU twin
-// is csrc/cpu/tr_attention.cpp; both share the ring products and the logit
-// formulas (csrc/tr_attention_ring.h).
+// is csrc/cpu/tr_attention_cpu.cpp; both share the ring products and the logit
+// formulas (csrc/tr_attention_math.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,7 +11,7 @@
 #include "cuda/tr_attention_kernels.cuh"
 #include "kernel_table.h"
 #include "tr_attention.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 namespace {

@@ -1,8 +1,8 @@
 // scla_loss, CPU: the class sums (float64 partial sums over fixed row chunks,
 // so the result does not depend on the thread count), the fused per-anchor
-// pass (scla_loss_anchor.h, parallel over anchors) and the row gather. The
+// pass (scla_loss_math.h, parallel over anchors) and the row gather. The
 // driver (csrc/scla_loss.cpp) does the GEMMs. The CUDA twin is
-// csrc/cuda/scla_loss.cu.
+// csrc/cuda/scla_loss_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,7 +13,7 @@
 
 #include "kernel_table.h"
 #include "scla_loss.h"
-#include "scla_loss_anchor.h"
+#include "scla_loss_math.h"
 
 namespace cascla {
 namespace {

@@ -1,7 +1,7 @@
 // perturbed_gru, CPU: per step one GEMM (BLAS through ATen, no copies: the
 // transposes are views) and one fused pass over the gates
 // (csrc/cpu/perturbed_gru_rows.inc, vectorised with csrc/cpu/vec.h), parallel
-// over the batch. The CUDA twin is csrc/cuda/perturbed_gru.cu.
+// over the batch. The CUDA twin is csrc/cuda/perturbed_gru_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,7 +10,7 @@
 
 #include "kernel_table.h"
 #include "perturbed_gru.h"
-#include "perturbed_gru_cell.h"
+#include "perturbed_gru_math.h"
 #include "cpu/vec.h"
 
 namespace cascla {

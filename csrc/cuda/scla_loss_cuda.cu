@@ -1,8 +1,8 @@
 // scla_loss, CUDA: the class sums (float64 partial sums per fixed row chunk,
 // reduced by ATen: deterministic), the fused per-anchor pass (one thread per
-// anchor, the math of scla_loss_anchor.h) and the row gather, all on the
+// anchor, the math of scla_loss_math.h) and the row gather, all on the
 // current stream. The driver (csrc/scla_loss.cpp) does the GEMMs (cuBLAS
-// through ATen). The CPU twin is csrc/cpu/scla_loss.cpp.
+// through ATen). The CPU twin is csrc/cpu/scla_loss_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +14,7 @@
 
 #include "kernel_table.h"
 #include "scla_loss.h"
-#include "scla_loss_anchor.h"
+#include "scla_loss_math.h"
 
 namespace cascla {
 namespace {
