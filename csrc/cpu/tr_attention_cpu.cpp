@@ -22,6 +22,19 @@
 namespace cascla {
 namespace {
 
+template <typename scalar_t>
+std::vector<const scalar_t*> ptrs(const std::vector<at::Tensor>& v) {
+  std::vector<const scalar_t*> p;
+  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
+  return p;
+}
+template <typename scalar_t>
+std::vector<scalar_t*> mut_ptrs(std::vector<at::Tensor>& v) {
+  std::vector<scalar_t*> p;
+  for (auto& t : v) p.push_back(t.data_ptr<scalar_t>());
+  return p;
+}
+
 // Raw pointers of one call, per modality, and the ring view of
 // tr_attention_math.h over one dialogue's slice of the workspace.
 template <typename scalar_t>
@@ -47,6 +60,20 @@ struct Ctx {
         off_dP(r.off_dP()), off_dA(r.off_dA()), off_tmp(r.off_tmp()), max_r(r.max_rank()) {
     for (int m = 0; m < n; ++m) pair_off.push_back(r.pair_offset(m));
   }
+  // The pointers the forward and the backward share (State: TrForwardState
+  // or TrBackwardState; theta and pooled are read only in the backward).
+  template <typename State>
+  explicit Ctx(State& st) : Ctx(static_cast<const TrRing&>(st.ring)) {
+    mask = st.mask.template data_ptr<bool>();
+    ws = st.workspace.template data_ptr<scalar_t>();
+    ws_per_dialogue = st.workspace.size(1);
+    q1 = ptrs<scalar_t>(st.q1);
+    q2 = ptrs<scalar_t>(st.q2);
+    k1 = ptrs<scalar_t>(st.k1);
+    k2 = ptrs<scalar_t>(st.k2);
+    theta = mut_ptrs<scalar_t>(st.theta);
+    pooled = mut_ptrs<scalar_t>(st.pooled);
+  }
   int mod(int m) const { return ((m % n) + n) % n; }
   scalar_t* block(int64_t b, int64_t off, int m) const {
     return ws + b * ws_per_dialogue + off + pair_off[mod(m)];
@@ -57,19 +84,6 @@ struct Ctx {
     return c;
   }
 };
-
-template <typename scalar_t>
-std::vector<const scalar_t*> ptrs(const std::vector<at::Tensor>& v) {
-  std::vector<const scalar_t*> p;
-  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
-  return p;
-}
-template <typename scalar_t>
-std::vector<scalar_t*> mut_ptrs(std::vector<at::Tensor>& v) {
-  std::vector<scalar_t*> p;
-  for (auto& t : v) p.push_back(t.data_ptr<scalar_t>());
-  return p;
-}
 
 template <typename scalar_t>
 struct HostView {
@@ -166,16 +180,7 @@ RowKernels<scalar_t> row_kernels() {
 template <typename scalar_t>
 void forward_impl(TrForwardState& st) {
   const TrRing& R = st.ring;
-  Ctx<scalar_t> c(R);
-  c.mask = st.mask.data_ptr<bool>();
-  c.ws = st.workspace.data_ptr<scalar_t>();
-  c.ws_per_dialogue = st.workspace.size(1);
-  c.q1 = ptrs<scalar_t>(st.q1);
-  c.q2 = ptrs<scalar_t>(st.q2);
-  c.k1 = ptrs<scalar_t>(st.k1);
-  c.k2 = ptrs<scalar_t>(st.k2);
-  c.theta = mut_ptrs<scalar_t>(st.theta);
-  c.pooled = mut_ptrs<scalar_t>(st.pooled);
+  Ctx<scalar_t> c(st);
   c.out = mut_ptrs<scalar_t>(st.out);
   const auto k = row_kernels<scalar_t>();
   c.gemm = k.gemm;
@@ -193,17 +198,8 @@ void forward_impl(TrForwardState& st) {
 template <typename scalar_t>
 void backward_impl(TrBackwardState& st) {
   const TrRing& R = st.ring;
-  Ctx<scalar_t> c(R);
-  c.mask = st.mask.data_ptr<bool>();
-  c.ws = st.workspace.data_ptr<scalar_t>();
-  c.ws_per_dialogue = st.workspace.size(1);
-  c.q1 = ptrs<scalar_t>(st.q1);
-  c.q2 = ptrs<scalar_t>(st.q2);
-  c.k1 = ptrs<scalar_t>(st.k1);
-  c.k2 = ptrs<scalar_t>(st.k2);
+  Ctx<scalar_t> c(st);
   c.grad_out = ptrs<scalar_t>(st.grad_out);
-  c.theta = mut_ptrs<scalar_t>(st.theta);    // read only
-  c.pooled = mut_ptrs<scalar_t>(st.pooled);  // read only
   c.dq1 = mut_ptrs<scalar_t>(st.dq1);
   c.dq2 = mut_ptrs<scalar_t>(st.dq2);
   c.dk1 = mut_ptrs<scalar_t>(st.dk1);
