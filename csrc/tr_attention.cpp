@@ -138,6 +138,19 @@ void check_list(const char* op, const char* name, at::TensorList list, const at:
   }
 }
 
+// The inputs both passes read, contiguous, and the workspace (theta and
+// pooled are the forward's to allocate, the backward's to take).
+void bind_inputs(TrState& st, TrRing ring, at::TensorList q1, at::TensorList q2,
+                 at::TensorList k1, at::TensorList k2, const at::Tensor& mask) {
+  st.q1 = contiguous(q1);
+  st.q2 = contiguous(q2);
+  st.k1 = contiguous(k1);
+  st.k2 = contiguous(k2);
+  st.mask = bool_mask(mask);
+  st.workspace = at::empty({ring.B, ring.workspace_per_dialogue()}, q1[0].options());
+  st.ring = std::move(ring);
+}
+
 }  // namespace
 
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
@@ -150,19 +163,13 @@ std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
   const int64_t B = ring.B, T = ring.T;
 
   TrForwardState st;
-  st.q1 = contiguous(q1);
-  st.q2 = contiguous(q2);
-  st.k1 = contiguous(k1);
-  st.k2 = contiguous(k2);
-  st.mask = bool_mask(mask);
   for (int m = 0; m < n; ++m) {
     const int64_t s = ring.s(m), w = ring.w(m);
     st.out.push_back(at::empty({B, T, s, s}, ref.options()));
     st.theta.push_back(at::empty({B, T, s, w}, ref.options()));
     st.pooled.push_back(at::empty({B, s, w}, ref.options()));
   }
-  st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
-  st.ring = std::move(ring);
+  bind_inputs(st, std::move(ring), q1, q2, k1, k2, mask);
   if (B > 0) k.forward(st);
   return {st.out, st.theta, st.pooled};
 }
@@ -188,21 +195,15 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
 
   TrBackwardState st;
   st.grad_out = contiguous(grad_out);
-  st.q1 = contiguous(q1);
-  st.q2 = contiguous(q2);
-  st.k1 = contiguous(k1);
-  st.k2 = contiguous(k2);
-  st.mask = bool_mask(mask);
   st.theta = contiguous(theta);
   st.pooled = contiguous(pooled);
+  bind_inputs(st, std::move(ring), q1, q2, k1, k2, mask);
   for (int m = 0; m < n; ++m) {
     st.dq1.push_back(at::empty_like(st.q1[m]));
     st.dk1.push_back(at::empty_like(st.k1[m]));
     st.dq2.push_back(at::empty_like(st.q2[m]));
     st.dk2.push_back(at::empty_like(st.k2[m]));
   }
-  st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
-  st.ring = std::move(ring);
   if (B > 0) k.backward(st);
   return {st.dq1, st.dq2, st.dk1, st.dk2};
 }

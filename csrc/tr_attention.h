@@ -50,23 +50,22 @@ struct TrRing {
 };
 
 // Every tensor contiguous, of one float dtype, on one device; mask bool.
-struct TrForwardState {
+// What both passes read (the forward writes theta and pooled):
+struct TrState {
   TrRing ring;
   std::vector<at::Tensor> q1, q2, k1, k2;  // (B, T, s_m), (B, T, w_m)
   at::Tensor mask;                         // (B, T) bool
   at::Tensor workspace;                    // (B, workspace_per_dialogue())
-  std::vector<at::Tensor> out;             // written: (B, T, s_m, s_m)
-  std::vector<at::Tensor> theta;           // written: (B, T, s_m, w_m), 0 at padding
-  std::vector<at::Tensor> pooled;          // written: (B, s_m, w_m)
+  std::vector<at::Tensor> theta;           // (B, T, s_m, w_m), 0 at padding
+  std::vector<at::Tensor> pooled;          // (B, s_m, w_m)
 };
 
-struct TrBackwardState {
-  TrRing ring;
-  std::vector<at::Tensor> grad_out;        // (B, T, s_m, s_m)
-  std::vector<at::Tensor> q1, q2, k1, k2;
-  at::Tensor mask;
-  std::vector<at::Tensor> theta, pooled;   // from the forward
-  at::Tensor workspace;
+struct TrForwardState : TrState {
+  std::vector<at::Tensor> out;             // written: (B, T, s_m, s_m)
+};
+
+struct TrBackwardState : TrState {
+  std::vector<at::Tensor> grad_out;            // (B, T, s_m, s_m)
   std::vector<at::Tensor> dq1, dq2, dk1, dk2;  // written
 };
 

@@ -29,9 +29,9 @@ std::vector<const scalar_t*> ptrs(const std::vector<at::Tensor>& v) {
   return p;
 }
 template <typename scalar_t>
-std::vector<scalar_t*> mut_ptrs(std::vector<at::Tensor>& v) {
+std::vector<scalar_t*> mut_ptrs(const std::vector<at::Tensor>& v) {
   std::vector<scalar_t*> p;
-  for (auto& t : v) p.push_back(t.data_ptr<scalar_t>());
+  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
   return p;
 }
 
@@ -55,24 +55,17 @@ struct Ctx {
 
   int64_t off_P, off_PT, off_dP, off_dA, off_tmp, max_r;
 
-  explicit Ctx(const TrRing& r)
-      : ring(r), n(r.n()), B(r.B), T(r.T), off_P(r.off_P()), off_PT(r.off_PT()),
-        off_dP(r.off_dP()), off_dA(r.off_dA()), off_tmp(r.off_tmp()), max_r(r.max_rank()) {
-    for (int m = 0; m < n; ++m) pair_off.push_back(r.pair_offset(m));
-  }
-  // The pointers the forward and the backward share (State: TrForwardState
-  // or TrBackwardState; theta and pooled are read only in the backward).
-  template <typename State>
-  explicit Ctx(State& st) : Ctx(static_cast<const TrRing&>(st.ring)) {
-    mask = st.mask.template data_ptr<bool>();
-    ws = st.workspace.template data_ptr<scalar_t>();
-    ws_per_dialogue = st.workspace.size(1);
-    q1 = ptrs<scalar_t>(st.q1);
-    q2 = ptrs<scalar_t>(st.q2);
-    k1 = ptrs<scalar_t>(st.k1);
-    k2 = ptrs<scalar_t>(st.k2);
-    theta = mut_ptrs<scalar_t>(st.theta);
-    pooled = mut_ptrs<scalar_t>(st.pooled);
+  // The pointers the forward and the backward share (theta and pooled are
+  // read only in the backward); forward_impl and backward_impl bind the rest.
+  explicit Ctx(const TrState& st)
+      : ring(st.ring), n(ring.n()), B(ring.B), T(ring.T),
+        mask(st.mask.data_ptr<bool>()), ws(st.workspace.data_ptr<scalar_t>()),
+        ws_per_dialogue(st.workspace.size(1)), q1(ptrs<scalar_t>(st.q1)),
+        q2(ptrs<scalar_t>(st.q2)), k1(ptrs<scalar_t>(st.k1)), k2(ptrs<scalar_t>(st.k2)),
+        theta(mut_ptrs<scalar_t>(st.theta)), pooled(mut_ptrs<scalar_t>(st.pooled)),
+        off_P(ring.off_P()), off_PT(ring.off_PT()), off_dP(ring.off_dP()),
+        off_dA(ring.off_dA()), off_tmp(ring.off_tmp()), max_r(ring.max_rank()) {
+    for (int m = 0; m < n; ++m) pair_off.push_back(ring.pair_offset(m));
   }
   int mod(int m) const { return ((m % n) + n) % n; }
   scalar_t* block(int64_t b, int64_t off, int m) const {

@@ -135,6 +135,30 @@ __device__ inline int64_t block_count(const bool* mask_b, int64_t T) {
   return total;
 }
 
+// 1 / max(count, 1) with count the real utterances of dialogue b, for every
+// thread of the block: the factor of a mean over them.
+template <typename scalar_t>
+__device__ inline scalar_t block_inv_count(const TrArgs<scalar_t>& a, int64_t b) {
+  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
+  return scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
+}
+
+// dst(m)[e] = factor * (the sum of dialogue b's per-chunk partials of
+// modality m, in chunk order), for every modality, by the threads of a block.
+template <typename scalar_t, typename Dst>
+__device__ inline void sum_partials(const TrArgs<scalar_t>& a, int64_t b, scalar_t factor,
+                                    const Dst& dst) {
+  for (int m = 0; m < a.n; ++m) {
+    scalar_t* out = dst(m);
+    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
+    for (int64_t e = threadIdx.x; e < a.s(m) * a.w(m); e += blockDim.x) {
+      scalar_t acc = 0;
+      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
+      out[e] = acc * factor;
+    }
+  }
+}
+
 // ---- forward ----
 
 // Theta_m[row] = softmax over (i, j) of u_i v_j, by one warp; 0 at padding.
@@ -195,18 +219,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
-  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
-  for (int m = 0; m < a.n; ++m) {
-    const int64_t sw = a.s(m) * a.w(m);
-    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
-    scalar_t* A = a.pooled[m] + b * sw;
-    for (int64_t e = tid; e < sw; e += nt) {
-      scalar_t acc = 0;
-      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
-      A[e] = acc * inv;
-    }
-  }
+  sum_partials(a, b, block_inv_count(a, b),
+               [&](int m) { return a.pooled[m] + b * a.s(m) * a.w(m); });
   __syncthreads();
   if (a.n >= 2) tr::ring_forward<scalar_t>(DeviceView<scalar_t>{a, b}, tid, nt, BlockSync{});
 }
@@ -264,19 +278,10 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_grad_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
-  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
+  const scalar_t inv = block_inv_count(a, b);
   const DeviceView<scalar_t> v{a, b};
   tr::ring_forward<scalar_t>(v, tid, nt, BlockSync{});
-  for (int m = 0; m < a.n; ++m) {
-    scalar_t* dP = v.dP(m);
-    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
-    for (int64_t e = tid; e < a.s(m) * a.w(m); e += nt) {
-      scalar_t acc = 0;
-      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
-      dP[e] = acc;
-    }
-  }
+  sum_partials(a, b, scalar_t(1), [&](int m) { return v.dP(m); });
   __syncthreads();
   tr::ring_backward<scalar_t>(v, tid, nt, BlockSync{});
   for (int m = 0; m < a.n; ++m) {
@@ -345,11 +350,14 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const __grid_constant__ 
 // ---- the kernels' arguments ----
 
 // TrArgs for one call: sizes, offsets and the pointers every kernel shares
-// (out, grad_out, dq..., partial, chunks and scratch are set by the launchers).
+// (out, grad_out, dq..., partial, chunks and scratch are set by run_forward
+// and run_backward).
 template <typename scalar_t>
-inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::Tensor& workspace,
-                           const TensorVec& q1, const TensorVec& q2, const TensorVec& k1,
-                           const TensorVec& k2, const TensorVec& theta, const TensorVec& pooled) {
+inline TrArgs<scalar_t> ring_args(const TrState& st) {
+  const TrRing& R = st.ring;
+  const TensorVec &q1 = st.q1, &q2 = st.q2, &k1 = st.k1, &k2 = st.k2;
+  const TensorVec &theta = st.theta, &pooled = st.pooled;
+  const at::Tensor &mask = st.mask, &workspace = st.workspace;
   TrArgs<scalar_t> a{};
   a.n = R.n();
   a.B = R.B;
@@ -419,8 +427,7 @@ void run_forward(TrForwardState& st, const Launch& launch) {
   const at::Tensor partial = at::empty({R.B * std::max<int64_t>(chunks, 1) * R.sum_pairs()},
                                        st.q1[0].options());
   AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_cuda", [&] {
-    auto a = ring_args<scalar_t>(R, st.mask, st.workspace, st.q1, st.q2, st.k1, st.k2, st.theta,
-                                 st.pooled);
+    auto a = ring_args<scalar_t>(st);
     for (int m = 0; m < a.n; ++m) a.out[m] = st.out[m].data_ptr<scalar_t>();
     a.partial = partial.data_ptr<scalar_t>();
     a.chunks = chunks;
@@ -446,8 +453,7 @@ void run_backward(TrBackwardState& st, const Launch& launch) {
   const at::Tensor partial =
       R.n() >= 2 ? at::empty({R.B * chunks * R.sum_pairs()}, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_backward_cuda", [&] {
-    auto a = ring_args<scalar_t>(R, st.mask, st.workspace, st.q1, st.q2, st.k1, st.k2, st.theta,
-                                 st.pooled);
+    auto a = ring_args<scalar_t>(st);
     for (int m = 0; m < a.n; ++m) {
       a.grad_out[m] = st.grad_out[m].data_ptr<scalar_t>();
       a.dq1[m] = st.dq1[m].data_ptr<scalar_t>();
