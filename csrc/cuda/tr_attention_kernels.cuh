@@ -159,6 +159,19 @@ __device__ inline void sum_partials(const TrArgs<scalar_t>& a, int64_t b, scalar
   }
 }
 
+// Utterance row's logit factors of modality m: u_i = scale q1_i k1_i and
+// v_j = q2_j k2_j (tr_attention_math.h), the softmax's logits being u_i v_j.
+template <typename scalar_t>
+struct RowLogits {
+  scalar_t sc;
+  const scalar_t *q1, *k1, *q2, *k2;
+  __device__ RowLogits(const TrArgs<scalar_t>& a, int m, int64_t row)
+      : sc(a.scale[m]), q1(a.q1[m] + row * a.s(m)), k1(a.k1[m] + row * a.s(m)),
+        q2(a.q2[m] + row * a.w(m)), k2(a.k2[m] + row * a.w(m)) {}
+  __device__ scalar_t u(int64_t i) const { return tr::logit_u(sc, q1[i], k1[i]); }
+  __device__ scalar_t v(int64_t j) const { return tr::logit_v(q2[j], k2[j]); }
+};
+
 // ---- forward ----
 
 // Theta_m[row] = softmax over (i, j) of u_i v_j, by one warp; 0 at padding.
@@ -170,14 +183,10 @@ __device__ void theta_row(const TrArgs<scalar_t>& a, int m, int64_t row, int lan
     for (int64_t e = lane; e < sw; e += 32) th[e] = 0;
     return;
   }
-  const scalar_t sc = a.scale[m];
-  const scalar_t* q1 = a.q1[m] + row * s;
-  const scalar_t* k1 = a.k1[m] + row * s;
-  const scalar_t* q2 = a.q2[m] + row * w;
-  const scalar_t* k2 = a.k2[m] + row * w;
+  const RowLogits<scalar_t> x(a, m, row);
   const auto logit = [&](int64_t e) {
     const int64_t i = e / w, j = e - i * w;
-    return mul_rn(tr::logit_u(sc, q1[i], k1[i]), tr::logit_v(q2[j], k2[j]));
+    return mul_rn(x.u(i), x.v(j));
   };
   scalar_t top = -INFINITY;
   for (int64_t e = lane; e < sw; e += 32) {
@@ -307,11 +316,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const __grid_constant__ 
     for (int64_t j = lane; j < w; j += 32) dq2[j] = dk2[j] = 0;
     return;
   }
-  const scalar_t sc = a.scale[m];
-  const scalar_t* q1 = a.q1[m] + row * s;
-  const scalar_t* k1 = a.k1[m] + row * s;
-  const scalar_t* q2 = a.q2[m] + row * w;
-  const scalar_t* k2 = a.k2[m] + row * w;
+  const RowLogits<scalar_t> x(a, m, row);
   const scalar_t* th = a.theta[m] + row * sw;
   const scalar_t* g = a.grad_out[m] + row * s * s;
   scalar_t* dL = a.scratch + a.pair_off[m] * a.B * a.T + row * sw;
@@ -335,15 +340,15 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const __grid_constant__ 
   __syncwarp();
   for (int64_t i = lane; i < s; i += 32) {
     scalar_t du = 0;
-    for (int64_t k = 0; k < w; ++k) du += dL[i * w + k] * tr::logit_v(q2[k], k2[k]);
-    dq1[i] = sc * du * k1[i];
-    dk1[i] = sc * du * q1[i];
+    for (int64_t k = 0; k < w; ++k) du += dL[i * w + k] * x.v(k);
+    dq1[i] = x.sc * du * x.k1[i];
+    dk1[i] = x.sc * du * x.q1[i];
   }
   for (int64_t k = lane; k < w; k += 32) {
     scalar_t dv = 0;
-    for (int64_t i = 0; i < s; ++i) dv += dL[i * w + k] * tr::logit_u(sc, q1[i], k1[i]);
-    dq2[k] = dv * k2[k];
-    dk2[k] = dv * q2[k];
+    for (int64_t i = 0; i < s; ++i) dv += dL[i * w + k] * x.u(i);
+    dq2[k] = dv * x.k2[k];
+    dk2[k] = dv * x.q2[k];
   }
 }
 
