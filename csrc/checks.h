@@ -74,14 +74,10 @@ inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int
   return host.to(device);
 }
 
-// Integer class labels of shape (n,) on `device`, each in [0, num_classes)
-// (K), with how many times each class occurs. Returns (labels as contiguous
-// int64 on `device`, counts as int64 (num_classes,) on the CPU). Labels on a
-// GPU are read back once to be checked (a sync).
-inline std::pair<at::Tensor, at::Tensor> checked_labels(const char* op, const char* name,
-                                                        const at::Tensor& labels, int64_t n,
-                                                        const char* shape_desc,
-                                                        int64_t num_classes, at::Device device) {
+// Integer class labels of shape (n,) on `device`, returned as contiguous
+// int64 on `device`. Reads no label values (no sync): check_label_values does.
+inline at::Tensor label_tensor(const char* op, const char* name, const at::Tensor& labels,
+                               int64_t n, const char* shape_desc, at::Device device) {
   TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) &&
                        !at::isComplexType(labels.scalar_type()) &&
                        labels.scalar_type() != at::kBool,
@@ -90,19 +86,20 @@ inline std::pair<at::Tensor, at::Tensor> checked_labels(const char* op, const ch
   TORCH_CHECK_VALUE(labels.device() == device, op, ": expected ", name, " on ", device, ", got ",
                     labels.device());
   check_shape(op, name, labels, {n}, shape_desc);
-  const at::Tensor host = labels.to(at::kCPU, at::kLong).contiguous();
+  return labels.scalar_type() == at::kLong ? labels.contiguous()
+                                           : labels.to(at::kLong).contiguous();
+}
+
+// Every label (int64, from label_tensor) in [0, num_classes) (K). Labels on
+// a GPU are read back to be checked (a sync).
+inline void check_label_values(const char* op, const char* name, const at::Tensor& labels,
+                               int64_t num_classes) {
+  const at::Tensor host = labels.cpu();
   const int64_t* v = host.const_data_ptr<int64_t>();
-  at::Tensor counts = at::zeros({num_classes}, host.options());
-  int64_t* c = counts.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < host.size(0); ++i)
     TORCH_CHECK_VALUE(v[i] >= 0 && v[i] < num_classes, op, ": expected every ", name,
-                      "[i] in [0, K) = [0, ", num_classes, "), got ", name,
-                      "[", i, "] = ", v[i]);
-    ++c[v[i]];
-  }
-  at::Tensor on_device = labels.scalar_type() == at::kLong ? labels.contiguous()
-                                                            : labels.to(at::kLong).contiguous();
-  return {on_device, counts};
+                      "[i] in [0, K) = [0, ", num_classes, "), got ", name, "[", i, "] = ",
+                      v[i]);
 }
 
 }  // namespace cascla

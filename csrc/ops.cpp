@@ -1,5 +1,6 @@
 // The one schema file: every cascla_ext op is declared here. Kernels live in
-// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu and register themselves with
+// csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu and register the driver
+// csrc/<op>.cpp with their kernel table (csrc/kernel_table.h) through
 // TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python
 // (cascla_ext/ops.py), and so is autograd, except tr_attention's (C++,
 // csrc/tr_attention_autograd.cpp). The math of each op is ../shared/spec/ops.md.

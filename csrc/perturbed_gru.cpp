@@ -47,11 +47,10 @@ at::Tensor checked_bias(const std::optional<at::Tensor>& b, const char* name,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_forward(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const GruKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& rho,
-    const std::optional<at::Tensor>& lengths, bool reverse,
-    GruForwardRecurrence recurrence) {
+    const std::optional<at::Tensor>& lengths, bool reverse) {
   const auto [T, B, D, H] = check_gru_args(kOp, x, h0, w_ih, w_hh);
 
   GruForwardState s;
@@ -73,16 +72,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_forward(
   s.h = h0.contiguous().clone();
   s.y = at::empty({T, B, H}, x.options());
   s.saved = at::empty({T, B, 4 * H}, x.options());
-  if (T > 0 && B > 0) recurrence(s);
+  if (T > 0 && B > 0) k.forward(s);
   return {s.y, s.h, s.saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-perturbed_gru_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
-    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y,
-    const at::Tensor& saved, GruBackwardRecurrence recurrence) {
+perturbed_gru_backward(const GruKernels& k, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                       const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                       bool reverse, const at::Tensor& y, const at::Tensor& saved) {
   const auto [T, B, D, H] = check_gru_args(kBwd, x, h0, w_ih, w_hh);
   check_shape(kBwd, "grad_y", grad_y, {T, B, H}, "(T, B, H)");
   check_shape(kBwd, "grad_h_n", grad_h_n, {B, H}, "(B, H)");
@@ -108,7 +106,7 @@ perturbed_gru_backward(
   s.dgh = at::empty({T, B, 3 * H}, x.options());
   s.h_prev = at::empty({T, B, H}, x.options());
   if (T > 0 && B > 0) {
-    recurrence(s);
+    k.backward(s);
   } else {
     s.dgi.zero_();
     s.dgh.zero_();

@@ -1,13 +1,16 @@
-// perturbed_gru: the device-independent driver and the interface that the
-// CPU (csrc/cpu/perturbed_gru.cpp) and CUDA (csrc/cuda/perturbed_gru.cu)
-// recurrences implement. Spec: ../shared/spec/ops.md section 1.
+// perturbed_gru: the device-independent driver and the kernel table that the
+// CPU (csrc/cpu/perturbed_gru_cpu.cpp) and CUDA (csrc/cuda/perturbed_gru_cuda.cu)
+// recurrences fill. Spec: ../shared/spec/ops.md section 1; the gate math
+// shared by both: perturbed_gru_math.h.
 //
-// Structure (as in lmnt-com/haste): the driver does one GEMM for the input
-// projections of all steps; the device recurrence then does, per step, one
-// GEMM for W_hh h and one fused pass for the gates, saving r, z, n and
-// (W_hn h + b_hn) for the backward. The backward recurrence mirrors it, per
-// step one fused pass and one GEMM, and the driver ends with large GEMMs for
-// the gradients of x and of the weights.
+// Structure (after lmnt-com/haste): the driver does one GEMM for the input
+// projections of all steps; the device's forward recurrence then runs the
+// steps in order, each computing W_hh h and the fused gates and saving r, z,
+// n and (W_hn h + b_hn) for the backward (the CPU: a GEMM and a gate pass per
+// step; CUDA: one kernel per step that does both). The backward recurrence
+// visits the steps in reverse, and the driver ends with large GEMMs for the
+// gradients of x and of the weights. Steps t >= lengths[b] are padding: the
+// state passes through unchanged.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,45 +49,23 @@ struct GruBackwardState {
   at::Tensor h_prev;   // (T, B, H) written: the hidden state each step started from
 };
 
-using GruForwardRecurrence = void (*)(GruForwardState&);
-using GruBackwardRecurrence = void (*)(GruBackwardState&);
+// What a device implements: the recurrences over all steps.
+struct GruKernels {
+  void (*forward)(GruForwardState&);
+  void (*backward)(GruBackwardState&);
+};
 
-// The step a sequence visits first: 0 going forward, lengths[b]-1 in reverse.
-// Steps t >= lengths[b] are padding: the state passes through unchanged.
-
+// The drivers (registered per device with with_kernels, csrc/kernel_table.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_forward(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const GruKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& rho,
-    const std::optional<at::Tensor>& lengths, bool reverse,
-    GruForwardRecurrence recurrence);
+    const std::optional<at::Tensor>& lengths, bool reverse);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-perturbed_gru_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
-    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y,
-    const at::Tensor& saved, GruBackwardRecurrence recurrence);
-
-// The registered kernels of one device: the driver with that device's
-// recurrences (csrc/cpu/perturbed_gru.cpp and csrc/cuda/perturbed_gru.cu).
-template <GruForwardRecurrence Recurrence>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_gru_kernel(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& rho, const std::optional<at::Tensor>& lengths,
-    bool reverse) {
-  return perturbed_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, rho, lengths, reverse, Recurrence);
-}
-
-template <GruBackwardRecurrence Recurrence>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-perturbed_gru_backward_kernel(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-                              const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
-                              bool reverse, const at::Tensor& y, const at::Tensor& saved) {
-  return perturbed_gru_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, reverse, y, saved,
-                                Recurrence);
-}
+perturbed_gru_backward(const GruKernels& k, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                       const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                       bool reverse, const at::Tensor& y, const at::Tensor& saved);
 
 }  // namespace cascla

@@ -81,16 +81,11 @@ LabelSpace label_space(const at::Tensor& z, const at::Tensor& class_sums, int64_
   return ls;
 }
 
-// (M / n_c)^gamma per class as float64 (K,) on `device`, from the counts on
-// the CPU (classes absent from the batch get 0: no anchor reads them).
-at::Tensor class_weights(const at::Tensor& counts, int64_t M, double gamma, at::Device device) {
-  const int64_t K = counts.size(0);
-  const int64_t* n = counts.const_data_ptr<int64_t>();
-  at::Tensor w = at::empty({K}, counts.options().dtype(at::kDouble));
-  double* wp = w.data_ptr<double>();
-  for (int64_t c = 0; c < K; ++c)
-    wp[c] = n[c] > 0 ? std::pow(static_cast<double>(M) / static_cast<double>(n[c]), gamma) : 0.0;
-  return w.to(device);
+// (M / n_c)^gamma per class, float64 (K,) on the labels' device.
+at::Tensor class_weights(const SclaKernels& k, const at::Tensor& labels, int64_t K, double gamma) {
+  at::Tensor w = at::empty({K}, labels.options().dtype(at::kDouble));
+  k.class_weights(labels, gamma, w);
+  return w;
 }
 
 // aug_logits[p, i] = f_aug[p, i] . W[y_i]: one GEMM against all of W, then
@@ -105,13 +100,13 @@ at::Tensor aug_similarities(const at::Tensor& aug, const at::Tensor& W, const at
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction, const SclaKernels& k) {
+    const SclaKernels& k, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
+    const at::Tensor& y, double alpha, double beta, double gamma, c10::string_view reduction) {
   const auto [M, d, K, P] = check_scla_args(kOp, f, f_aug, z);
   const Reduction red = parse_reduction(kOp, reduction);
   check_params(kOp, alpha, beta, gamma);
-  const auto [labels, counts] =
-      checked_labels(kOp, "y", y, M, "(M,) with M = f.size(0)", K, f.device());
+  const at::Tensor labels = label_tensor(kOp, "y", y, M, "(M,) with M = f.size(0)", f.device());
+  check_label_values(kOp, "y", labels, K);  // on a GPU, the op's one sync
   c10::DeviceGuard guard(f.device());
 
   const at::Tensor fc = f.contiguous();
@@ -124,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
   a.logits = at::mm(fc, W.t());
   a.aug_logits = aug_similarities(f_aug.contiguous(), W, labels);
   a.y = labels;
-  a.class_weight = class_weights(counts, M, gamma, f.device());
+  a.class_weight = class_weights(k, labels, K, gamma);
   a.alpha = alpha;
   a.beta = beta;
   at::Tensor loss = at::empty({M}, class_sums.options());
@@ -135,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction, const SclaKernels& k) {
+    const SclaKernels& k, const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug,
+    const at::Tensor& z, const at::Tensor& y, const at::Tensor& logits,
+    const at::Tensor& aug_logits, const at::Tensor& class_sums, double alpha, double beta,
+    double gamma, c10::string_view reduction) {
   const auto [M, d, K, P] = check_scla_args(kBwd, f, f_aug, z);
   const Reduction red = parse_reduction(kBwd, reduction);
   check_params(kBwd, alpha, beta, gamma);
@@ -157,8 +152,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
                    class_sums.scalar_type());
   TORCH_CHECK_VALUE(class_sums.device() == f.device(), kBwd, ": expected class_sums on ",
                     f.device(), ", got ", class_sums.device());
-  const auto [labels, counts] =
-      checked_labels(kBwd, "y", y, M, "(M,) with M = f.size(0)", K, f.device());
+  const at::Tensor labels = label_tensor(kBwd, "y", y, M, "(M,) with M = f.size(0)", f.device());
+  // The forward checked the labels' values; a GPU's are not read back a second
+  // time (a sync). Host labels cost nothing to check again, so a direct call
+  // with bad labels still raises there.
+  if (labels.is_cpu()) check_label_values(kBwd, "y", labels, K);
   c10::DeviceGuard guard(f.device());
 
   const at::Tensor fc = f.contiguous();
@@ -172,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
   a.logits = logits.contiguous();
   a.aug_logits = aug_logits.contiguous();
   a.y = labels;
-  a.class_weight = class_weights(counts, M, gamma, f.device());
+  a.class_weight = class_weights(k, labels, K, gamma);
   a.alpha = alpha;
   a.beta = beta;
   const at::Tensor grad_d = grad.to(at::kDouble).contiguous();

@@ -1,6 +1,7 @@
-// scla_loss: the device-independent driver and the interface that the CPU
-// (csrc/cpu/scla_loss.cpp) and CUDA (csrc/cuda/scla_loss.cu) kernels
-// implement. Spec: ../shared/spec/ops.md section 3.
+// scla_loss: the device-independent driver and the kernel table (SclaKernels)
+// that the CPU (csrc/cpu/scla_loss_cpu.cpp) and CUDA
+// (csrc/cuda/scla_loss_cuda.cu) kernels fill. Spec: ../shared/spec/ops.md
+// section 3; the per-anchor math shared by both: scla_loss_math.h.
 //
 // How the M x M covariances disappear. With u-c = u - u-bar (centred) and
 // G = zc zc^T / (d - 1) the K x K label covariances, the sum over l regroups
@@ -11,7 +12,7 @@
 //     Sim(g, z_j) = g . W_j,   W = z / (M - 1) - G S / (2 (d - 1))   (K x d).
 // Forward: the class sums Sf (one pass over f, float64), W (O(K^2 d)), then
 // the logits f W^T and f_aug W^T (GEMMs, O(M K d)), and the per-anchor loss
-// (scla_loss_anchor.h) in one fused pass.
+// (scla_loss_math.h) in one fused pass.
 // Backward: the fused pass gives d loss / d logits; then
 //     grad f      = dS W + gSf[y]            (a GEMM, then a gather-add)
 //     grad f_aug  = dA[p, i] W[y_i]          (a gather)
@@ -39,12 +40,16 @@ struct SclaAnchorArgs {
   double beta;
 };
 
-// What each device implements. All tensors contiguous and on one device.
+// What a device implements. All tensors contiguous and on one device.
 struct SclaKernels {
   // out (K, d) float64 = sum over rows r of x (R, d) of weight[r] * x[r] into
   // row y[r % M] (weight: float64 (R,), or undefined for 1).
   void (*class_sums)(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
                      at::Tensor& out);
+  // out (K,) float64 = (M / n_c)^gamma per class c, n_c its count in y (M,),
+  // 0 for classes absent from y (no anchor reads them). Computed where y
+  // lives, so the backward reads no labels back from a GPU.
+  void (*class_weights)(const at::Tensor& y, double gamma, at::Tensor& out);
   // loss (M,) float64: class_weight[y_i] * (l_pos_i + l_neg_i).
   void (*anchor_forward)(const SclaAnchorArgs& a, at::Tensor& loss);
   // d_logits (M, K) and d_aug (P, M), float64: the gradient of
@@ -57,17 +62,18 @@ struct SclaKernels {
                       bool accumulate, at::Tensor& out);
 };
 
+// The drivers (registered per device with with_kernels, csrc/kernel_table.h).
 // Returns (loss, logits, aug_logits, class_sums): loss () or (M,) per
 // reduction; the others are what the backward needs (class_sums is Sf in float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction, const SclaKernels& k);
+    const SclaKernels& k, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
+    const at::Tensor& y, double alpha, double beta, double gamma, c10::string_view reduction);
 
 // Returns (grad_f, grad_f_aug, grad_z).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction, const SclaKernels& k);
+    const SclaKernels& k, const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug,
+    const at::Tensor& z, const at::Tensor& y, const at::Tensor& logits,
+    const at::Tensor& aug_logits, const at::Tensor& class_sums, double alpha, double beta,
+    double gamma, c10::string_view reduction);
 
 }  // namespace cascla

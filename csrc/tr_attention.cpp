@@ -9,7 +9,7 @@
 #include <string>
 
 #include "checks.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 
@@ -138,11 +138,24 @@ void check_list(const char* op, const char* name, at::TensorList list, const at:
   }
 }
 
+// The inputs both passes read, contiguous, and the workspace (theta and
+// pooled are the forward's to allocate, the backward's to take).
+void bind_inputs(TrState& st, TrRing ring, at::TensorList q1, at::TensorList q2,
+                 at::TensorList k1, at::TensorList k2, const at::Tensor& mask) {
+  st.q1 = contiguous(q1);
+  st.q2 = contiguous(q2);
+  st.k1 = contiguous(k1);
+  st.k2 = contiguous(k2);
+  st.mask = bool_mask(mask);
+  st.workspace = at::empty({ring.B, ring.workspace_per_dialogue()}, q1[0].options());
+  st.ring = std::move(ring);
+}
+
 }  // namespace
 
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale, TrForwardKernel kernel) {
+    const TrKernels& k, at::TensorList q1, at::TensorList q2, at::TensorList k1,
+    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale) {
   TrRing ring = check_ring(kOp, q1, q2, k1, k2, mask, scale);
   const at::Tensor& ref = q1[0];
   c10::DeviceGuard guard(ref.device());
@@ -150,27 +163,21 @@ std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
   const int64_t B = ring.B, T = ring.T;
 
   TrForwardState st;
-  st.q1 = contiguous(q1);
-  st.q2 = contiguous(q2);
-  st.k1 = contiguous(k1);
-  st.k2 = contiguous(k2);
-  st.mask = bool_mask(mask);
   for (int m = 0; m < n; ++m) {
     const int64_t s = ring.s(m), w = ring.w(m);
     st.out.push_back(at::empty({B, T, s, s}, ref.options()));
     st.theta.push_back(at::empty({B, T, s, w}, ref.options()));
     st.pooled.push_back(at::empty({B, s, w}, ref.options()));
   }
-  st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
-  st.ring = std::move(ring);
-  if (B > 0) kernel(st);
+  bind_inputs(st, std::move(ring), q1, q2, k1, k2, mask);
+  if (B > 0) k.forward(st);
   return {st.out, st.theta, st.pooled};
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled, TrBackwardKernel kernel) {
+    const TrKernels& k, at::TensorList grad_out, at::TensorList q1, at::TensorList q2,
+    at::TensorList k1, at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
+    at::TensorList theta, at::TensorList pooled) {
   TrRing ring = check_ring(kBwd, q1, q2, k1, k2, mask, scale);
   const at::Tensor& ref = q1[0];
   const int n = ring.n();
@@ -188,22 +195,16 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
 
   TrBackwardState st;
   st.grad_out = contiguous(grad_out);
-  st.q1 = contiguous(q1);
-  st.q2 = contiguous(q2);
-  st.k1 = contiguous(k1);
-  st.k2 = contiguous(k2);
-  st.mask = bool_mask(mask);
   st.theta = contiguous(theta);
   st.pooled = contiguous(pooled);
+  bind_inputs(st, std::move(ring), q1, q2, k1, k2, mask);
   for (int m = 0; m < n; ++m) {
     st.dq1.push_back(at::empty_like(st.q1[m]));
     st.dk1.push_back(at::empty_like(st.k1[m]));
     st.dq2.push_back(at::empty_like(st.q2[m]));
     st.dk2.push_back(at::empty_like(st.k2[m]));
   }
-  st.workspace = at::empty({B, ring.workspace_per_dialogue()}, ref.options());
-  st.ring = std::move(ring);
-  if (B > 0) kernel(st);
+  if (B > 0) k.backward(st);
   return {st.dq1, st.dq2, st.dk1, st.dk2};
 }
 

@@ -1,7 +1,8 @@
 // tr_attention: the device-independent driver (argument checks, allocation)
-// and the interface that the CPU (csrc/cpu/tr_attention.cpp) and CUDA
-// (csrc/cuda/tr_attention.cu) kernels implement. Spec: ../shared/spec/ops.md
-// section 2; the ring products shared by both kernels: tr_attention_ring.h.
+// and the kernel table (TrKernels) that the CPU (csrc/cpu/tr_attention_cpu.cpp)
+// and CUDA (csrc/cuda/tr_attention_cuda.cu) kernels fill. Spec:
+// ../shared/spec/ops.md section 2; the ring products and logits shared by
+// both kernels: tr_attention_math.h.
 //
 // Structure: one fused pass per dialogue, forward and backward.
 //   forward:  Theta_m[t] (softmax rows) -> A_m (masked mean over t) -> the ring
@@ -37,7 +38,9 @@ struct TrRing {
   int64_t pair_offset(int m) const;
   int64_t sum_pairs() const;
   // Per-dialogue workspace: P, P^T, dP, dA (sum_pairs() each) and n + 2
-  // scratch matrices of max_rank()^2 (tr_attention_ring.h).
+  // scratch matrices of max_rank()^2: tmp(0 .. n) for the ring products
+  // (tr_attention_math.h), tmp(n + 1) for the CPU's transposed operands. CUDA
+  // uses P, dP, dA and tmp(0 .. n); P^T and tmp(n + 1) are the CPU kernel's.
   int64_t workspace_per_dialogue() const;
   int64_t off_P() const { return 0; }
   int64_t off_PT() const { return sum_pairs(); }
@@ -47,38 +50,41 @@ struct TrRing {
 };
 
 // Every tensor contiguous, of one float dtype, on one device; mask bool.
-struct TrForwardState {
+// What both passes read (the forward writes theta and pooled):
+struct TrState {
   TrRing ring;
   std::vector<at::Tensor> q1, q2, k1, k2;  // (B, T, s_m), (B, T, w_m)
   at::Tensor mask;                         // (B, T) bool
   at::Tensor workspace;                    // (B, workspace_per_dialogue())
-  std::vector<at::Tensor> out;             // written: (B, T, s_m, s_m)
-  std::vector<at::Tensor> theta;           // written: (B, T, s_m, w_m), 0 at padding
-  std::vector<at::Tensor> pooled;          // written: (B, s_m, w_m)
+  std::vector<at::Tensor> theta;           // (B, T, s_m, w_m), 0 at padding
+  std::vector<at::Tensor> pooled;          // (B, s_m, w_m)
 };
 
-struct TrBackwardState {
-  TrRing ring;
-  std::vector<at::Tensor> grad_out;        // (B, T, s_m, s_m)
-  std::vector<at::Tensor> q1, q2, k1, k2;
-  at::Tensor mask;
-  std::vector<at::Tensor> theta, pooled;   // from the forward
-  at::Tensor workspace;
+struct TrForwardState : TrState {
+  std::vector<at::Tensor> out;             // written: (B, T, s_m, s_m)
+};
+
+struct TrBackwardState : TrState {
+  std::vector<at::Tensor> grad_out;            // (B, T, s_m, s_m)
   std::vector<at::Tensor> dq1, dq2, dk1, dk2;  // written
 };
 
-using TrForwardKernel = void (*)(TrForwardState&);
-using TrBackwardKernel = void (*)(TrBackwardState&);
+// What a device implements: the fused passes, forward and backward.
+struct TrKernels {
+  void (*forward)(TrForwardState&);
+  void (*backward)(TrBackwardState&);
+};
 
 using TensorVec = std::vector<at::Tensor>;
 
+// The drivers (registered per device with with_kernels, csrc/kernel_table.h).
 std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_forward(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale, TrForwardKernel kernel);
+    const TrKernels& k, at::TensorList q1, at::TensorList q2, at::TensorList k1,
+    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale);
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled, TrBackwardKernel kernel);
+    const TrKernels& k, at::TensorList grad_out, at::TensorList q1, at::TensorList q2,
+    at::TensorList k1, at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
+    at::TensorList theta, at::TensorList pooled);
 
 }  // namespace cascla

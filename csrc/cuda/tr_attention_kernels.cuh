@@ -1,16 +1,21 @@
-// tr_attention, CUDA: the kernels (the launchers are in tr_attention.cu).
-// Kept apart from the launchers so that the device code reads on its own, and
-// so that tools/emulate_cuda_tr_attention.py can run it on the CPU, thread by
-// thread, where there is no GPU.
+// tr_attention, CUDA: the kernels and their launch sequence (run_forward,
+// run_backward). csrc/cuda/tr_attention_cuda.cu runs them on the GPU;
+// tools/emulate_cuda_tr_attention.py runs the same code on the CPU, thread by
+// thread, where there is no GPU. Every reduction runs in a fixed order, so
+// results do not depend on scheduling.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <climits>
 
 #include <cmath>
 #include <cstdint>
 
 #include "tr_attention.h"
-#include "tr_attention_ring.h"
+#include "tr_attention_math.h"
 
 namespace cascla {
 namespace tr_cuda {
@@ -57,7 +62,7 @@ struct TrArgs {
   }
 };
 
-// The ring view of tr_attention_ring.h over dialogue b.
+// The ring view of tr_attention_math.h over dialogue b.
 template <typename scalar_t>
 struct DeviceView {
   const TrArgs<scalar_t>& a;
@@ -130,6 +135,43 @@ __device__ inline int64_t block_count(const bool* mask_b, int64_t T) {
   return total;
 }
 
+// 1 / max(count, 1) with count the real utterances of dialogue b, for every
+// thread of the block: the factor of a mean over them.
+template <typename scalar_t>
+__device__ inline scalar_t block_inv_count(const TrArgs<scalar_t>& a, int64_t b) {
+  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
+  return scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
+}
+
+// dst(m)[e] = factor * (the sum of dialogue b's per-chunk partials of
+// modality m, in chunk order), for every modality, by the threads of a block.
+template <typename scalar_t, typename Dst>
+__device__ inline void sum_partials(const TrArgs<scalar_t>& a, int64_t b, scalar_t factor,
+                                    const Dst& dst) {
+  for (int m = 0; m < a.n; ++m) {
+    scalar_t* out = dst(m);
+    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
+    for (int64_t e = threadIdx.x; e < a.s(m) * a.w(m); e += blockDim.x) {
+      scalar_t acc = 0;
+      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
+      out[e] = acc * factor;
+    }
+  }
+}
+
+// Utterance row's logit factors of modality m: u_i = scale q1_i k1_i and
+// v_j = q2_j k2_j (tr_attention_math.h), the softmax's logits being u_i v_j.
+template <typename scalar_t>
+struct RowLogits {
+  scalar_t sc;
+  const scalar_t *q1, *k1, *q2, *k2;
+  __device__ RowLogits(const TrArgs<scalar_t>& a, int m, int64_t row)
+      : sc(a.scale[m]), q1(a.q1[m] + row * a.s(m)), k1(a.k1[m] + row * a.s(m)),
+        q2(a.q2[m] + row * a.w(m)), k2(a.k2[m] + row * a.w(m)) {}
+  __device__ scalar_t u(int64_t i) const { return tr::logit_u(sc, q1[i], k1[i]); }
+  __device__ scalar_t v(int64_t j) const { return tr::logit_v(q2[j], k2[j]); }
+};
+
 // ---- forward ----
 
 // Theta_m[row] = softmax over (i, j) of u_i v_j, by one warp; 0 at padding.
@@ -141,14 +183,10 @@ __device__ void theta_row(const TrArgs<scalar_t>& a, int m, int64_t row, int lan
     for (int64_t e = lane; e < sw; e += 32) th[e] = 0;
     return;
   }
-  const scalar_t sc = a.scale[m];
-  const scalar_t* q1 = a.q1[m] + row * s;
-  const scalar_t* k1 = a.k1[m] + row * s;
-  const scalar_t* q2 = a.q2[m] + row * w;
-  const scalar_t* k2 = a.k2[m] + row * w;
+  const RowLogits<scalar_t> x(a, m, row);
   const auto logit = [&](int64_t e) {
     const int64_t i = e / w, j = e - i * w;
-    return mul_rn(tr::logit_u(sc, q1[i], k1[i]), tr::logit_v(q2[j], k2[j]));
+    return mul_rn(x.u(i), x.v(j));
   };
   scalar_t top = -INFINITY;
   for (int64_t e = lane; e < sw; e += 32) {
@@ -190,18 +228,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
-  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
-  for (int m = 0; m < a.n; ++m) {
-    const int64_t sw = a.s(m) * a.w(m);
-    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
-    scalar_t* A = a.pooled[m] + b * sw;
-    for (int64_t e = tid; e < sw; e += nt) {
-      scalar_t acc = 0;
-      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
-      A[e] = acc * inv;
-    }
-  }
+  sum_partials(a, b, block_inv_count(a, b),
+               [&](int m) { return a.pooled[m] + b * a.s(m) * a.w(m); });
   __syncthreads();
   if (a.n >= 2) tr::ring_forward<scalar_t>(DeviceView<scalar_t>{a, b}, tid, nt, BlockSync{});
 }
@@ -259,19 +287,10 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_grad_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t cnt = block_count(a.mask + b * a.T, a.T);
-  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(cnt > 1 ? cnt : 1);
+  const scalar_t inv = block_inv_count(a, b);
   const DeviceView<scalar_t> v{a, b};
   tr::ring_forward<scalar_t>(v, tid, nt, BlockSync{});
-  for (int m = 0; m < a.n; ++m) {
-    scalar_t* dP = v.dP(m);
-    const scalar_t* part = a.partial + b * a.chunks * a.sum_pairs + a.pair_off[m];
-    for (int64_t e = tid; e < a.s(m) * a.w(m); e += nt) {
-      scalar_t acc = 0;
-      for (int64_t c = 0; c < a.chunks; ++c) acc += part[c * a.sum_pairs + e];
-      dP[e] = acc;
-    }
-  }
+  sum_partials(a, b, scalar_t(1), [&](int m) { return v.dP(m); });
   __syncthreads();
   tr::ring_backward<scalar_t>(v, tid, nt, BlockSync{});
   for (int m = 0; m < a.n; ++m) {
@@ -297,11 +316,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const __grid_constant__ 
     for (int64_t j = lane; j < w; j += 32) dq2[j] = dk2[j] = 0;
     return;
   }
-  const scalar_t sc = a.scale[m];
-  const scalar_t* q1 = a.q1[m] + row * s;
-  const scalar_t* k1 = a.k1[m] + row * s;
-  const scalar_t* q2 = a.q2[m] + row * w;
-  const scalar_t* k2 = a.k2[m] + row * w;
+  const RowLogits<scalar_t> x(a, m, row);
   const scalar_t* th = a.theta[m] + row * sw;
   const scalar_t* g = a.grad_out[m] + row * s * s;
   scalar_t* dL = a.scratch + a.pair_off[m] * a.B * a.T + row * sw;
@@ -325,26 +340,29 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const __grid_constant__ 
   __syncwarp();
   for (int64_t i = lane; i < s; i += 32) {
     scalar_t du = 0;
-    for (int64_t k = 0; k < w; ++k) du += dL[i * w + k] * tr::logit_v(q2[k], k2[k]);
-    dq1[i] = sc * du * k1[i];
-    dk1[i] = sc * du * q1[i];
+    for (int64_t k = 0; k < w; ++k) du += dL[i * w + k] * x.v(k);
+    dq1[i] = x.sc * du * x.k1[i];
+    dk1[i] = x.sc * du * x.q1[i];
   }
   for (int64_t k = lane; k < w; k += 32) {
     scalar_t dv = 0;
-    for (int64_t i = 0; i < s; ++i) dv += dL[i * w + k] * tr::logit_u(sc, q1[i], k1[i]);
-    dq2[k] = dv * k2[k];
-    dk2[k] = dv * q2[k];
+    for (int64_t i = 0; i < s; ++i) dv += dL[i * w + k] * x.u(i);
+    dq2[k] = dv * x.k2[k];
+    dk2[k] = dv * x.q2[k];
   }
 }
 
 // ---- the kernels' arguments ----
 
 // TrArgs for one call: sizes, offsets and the pointers every kernel shares
-// (out, grad_out, dq..., partial, chunks and scratch are set by the launchers).
+// (out, grad_out, dq..., partial, chunks and scratch are set by run_forward
+// and run_backward).
 template <typename scalar_t>
-inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::Tensor& workspace,
-                           const TensorVec& q1, const TensorVec& q2, const TensorVec& k1,
-                           const TensorVec& k2, const TensorVec& theta, const TensorVec& pooled) {
+inline TrArgs<scalar_t> ring_args(const TrState& st) {
+  const TrRing& R = st.ring;
+  const TensorVec &q1 = st.q1, &q2 = st.q2, &k1 = st.k1, &k2 = st.k2;
+  const TensorVec &theta = st.theta, &pooled = st.pooled;
+  const at::Tensor &mask = st.mask, &workspace = st.workspace;
   TrArgs<scalar_t> a{};
   a.n = R.n();
   a.B = R.B;
@@ -370,6 +388,94 @@ inline TrArgs<scalar_t> ring_args(const TrRing& R, const at::Tensor& mask, at::T
   a.mask = mask.data_ptr<bool>();
   a.ws = workspace.data_ptr<scalar_t>();
   return a;
+}
+
+// ---- the launch sequence ----
+//
+// One sequence for the GPU (csrc/cuda/tr_attention_cuda.cu) and for the CPU
+// emulator (tools/cuda_emulation/tr_attention_emulator.cpp), so that the
+// emulator runs the code the GPU runs. launch(grid, kernel, args) runs
+// kernel(args) over grid with kThreads threads per block, in launch order.
+//
+//   forward:  theta_kernel   one block per (dialogue, modality, chunk of 16
+//                            utterances), a warp per utterance: Theta's softmax
+//                            rows and their partial sum over the chunk
+//             ring_kernel    one block per dialogue: the means A_m (the partials
+//                            summed in a fixed order), then the ring products
+//                            P_m (tr_attention_math.h)
+//             out_kernel     one warp per (utterance, modality): Out = Theta P
+//   backward: dP_kernel      one block per (dialogue, modality, chunk of 16
+//                            utterances): partial sums of Theta^T dOut
+//             ring_grad_kernel  one block per dialogue: P_m again, dP_m (the
+//                            partials summed in a fixed order), the ring backward
+//                            to dA_m, divided by the count
+//             grad_kernel    one warp per (utterance, modality): dTheta, the
+//                            softmax backward, the gradients of q1, k1, q2, k2
+
+inline void check_cuda_sizes(const TrRing& R) {
+  TORCH_CHECK_VALUE(R.n() <= kMaxRing, "tr_attention: at most ", kMaxRing,
+                    " modalities on CUDA, got n = ", R.n());
+  const int64_t row_blocks = (R.B * R.T + kWarps - 1) / kWarps;
+  TORCH_CHECK_VALUE(row_blocks <= INT_MAX && R.B <= INT_MAX,
+                    "tr_attention: B * T = ", R.B * R.T, " is too large for one CUDA launch");
+  TORCH_CHECK_VALUE((R.T + kChunk - 1) / kChunk <= 65535, "tr_attention: T = ", R.T,
+                    " is too large for the CUDA backward (at most ", 65535 * kChunk, ")");
+}
+
+template <typename Launch>
+void run_forward(TrForwardState& st, const Launch& launch) {
+  const TrRing& R = st.ring;
+  check_cuda_sizes(R);
+  const int64_t rows = R.B * R.T;
+  const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
+  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
+  const at::Tensor partial = at::empty({R.B * std::max<int64_t>(chunks, 1) * R.sum_pairs()},
+                                       st.q1[0].options());
+  AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_cuda", [&] {
+    auto a = ring_args<scalar_t>(st);
+    for (int m = 0; m < a.n; ++m) a.out[m] = st.out[m].data_ptr<scalar_t>();
+    a.partial = partial.data_ptr<scalar_t>();
+    a.chunks = chunks;
+    if (rows > 0) {
+      const dim3 chunk_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
+      launch(chunk_grid, theta_kernel<scalar_t>, a);
+    }
+    launch(dim3(static_cast<unsigned>(R.B)), ring_kernel<scalar_t>, a);
+    if (rows > 0) launch(row_grid, out_kernel<scalar_t>, a);
+  });
+}
+
+template <typename Launch>
+void run_backward(TrBackwardState& st, const Launch& launch) {
+  const TrRing& R = st.ring;
+  check_cuda_sizes(R);
+  const int64_t rows = R.B * R.T;
+  if (rows == 0) return;  // every gradient is empty
+  const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
+  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
+  const auto opts = st.q1[0].options();
+  const at::Tensor scratch = at::empty({R.sum_pairs() * rows}, opts);
+  const at::Tensor partial =
+      R.n() >= 2 ? at::empty({R.B * chunks * R.sum_pairs()}, opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_backward_cuda", [&] {
+    auto a = ring_args<scalar_t>(st);
+    for (int m = 0; m < a.n; ++m) {
+      a.grad_out[m] = st.grad_out[m].data_ptr<scalar_t>();
+      a.dq1[m] = st.dq1[m].data_ptr<scalar_t>();
+      a.dq2[m] = st.dq2[m].data_ptr<scalar_t>();
+      a.dk1[m] = st.dk1[m].data_ptr<scalar_t>();
+      a.dk2[m] = st.dk2[m].data_ptr<scalar_t>();
+    }
+    a.scratch = scratch.data_ptr<scalar_t>();
+    a.chunks = chunks;
+    if (a.n >= 2) {
+      a.partial = partial.data_ptr<scalar_t>();
+      const dim3 dP_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
+      launch(dP_grid, dP_kernel<scalar_t>, a);
+      launch(dim3(static_cast<unsigned>(R.B)), ring_grad_kernel<scalar_t>, a);
+    }
+    launch(row_grid, grad_kernel<scalar_t>, a);
+  });
 }
 
 }  // namespace tr_cuda

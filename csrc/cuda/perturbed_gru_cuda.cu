@@ -8,15 +8,16 @@
 // W_hh^T (d gh of the previous step) to the carried gradient, then runs the
 // gate backward; a last call adds the final W_hh^T d gh to grad h0.
 // Each block also splits the k reduction across warps (see Tile).
-// All on the current stream. The CPU twin is csrc/cpu/perturbed_gru.cpp.
+// All on the current stream. The CPU twin is csrc/cpu/perturbed_gru_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "kernel_table.h"
 #include "perturbed_gru.h"
-#include "perturbed_gru_cell.h"
+#include "perturbed_gru_math.h"
 
 namespace cascla {
 namespace {
@@ -296,11 +297,13 @@ void backward_cuda(GruBackwardState& s) {
   });
 }
 
+constexpr GruKernels kCudaKernels{forward_cuda, backward_cuda};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("perturbed_gru", &perturbed_gru_kernel<forward_cuda>);
-  m.impl("perturbed_gru_backward", &perturbed_gru_backward_kernel<backward_cuda>);
+  m.impl("perturbed_gru", with_kernels<perturbed_gru_forward, kCudaKernels>);
+  m.impl("perturbed_gru_backward", with_kernels<perturbed_gru_backward, kCudaKernels>);
 }
 
 }  // namespace cascla

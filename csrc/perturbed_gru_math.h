@@ -10,8 +10,10 @@
 namespace cascla {
 
 // T is a scalar (float, double) or, on the CPU, a SIMD vector of floats
-// (csrc/cpu/fast_math.h); Math supplies exp and tanh for T. Constants are
-// plain literals so that they broadcast to vectors.
+// (csrc/cpu/vec.h); Math supplies exp and tanh for T (vec::Lanes on the CPU).
+// Constants are plain literals so that they broadcast to vectors. The cells
+// are always inlined: on the CPU they are then compiled for the instruction
+// set of the loop that uses them (csrc/cpu/isa_variants.inc).
 struct StdMath {
   template <typename T>
   C10_HOST_DEVICE static T exp(T v) { return std::exp(v); }
@@ -24,7 +26,7 @@ struct StdMath {
 template <typename T, typename Math = StdMath>
 struct GruCellForward {
   T r, z, n, h_new;
-  C10_HOST_DEVICE GruCellForward(T a_r, T a_z, T gi_n, T ghn, T h) {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE GruCellForward(T a_r, T a_z, T gi_n, T ghn, T h) {
     r = 1 / (1 + Math::exp(-a_r));
     z = 1 / (1 + Math::exp(-a_z));
     n = Math::tanh(gi_n + r * ghn);
@@ -39,7 +41,7 @@ struct GruCellBackward {
   T da_r, da_z, da_n;  // d loss / d pre-activations (= d gi = d rho)
   T dgh_n;             // d loss / d ghn (the r and z parts of d gh are da_r, da_z)
   T dh_prev;           // the direct part of d loss / d h (W_hh^T d gh is added by a GEMM)
-  C10_HOST_DEVICE GruCellBackward(T dh, T r, T z, T n, T ghn, T h_prev) {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE GruCellBackward(T dh, T r, T z, T n, T ghn, T h_prev) {
     const T dn = dh * (1 - z);
     da_z = dh * (h_prev - n) * z * (1 - z);
     da_n = dn * (1 - n * n);

@@ -1,5 +1,5 @@
-// tr_attention: the math shared by the CPU (csrc/cpu/tr_attention.cpp) and
-// CUDA (csrc/cuda/tr_attention.cu) kernels, written once with C10_HOST_DEVICE
+// tr_attention: the math shared by the CPU (csrc/cpu/tr_attention_cpu.cpp) and
+// CUDA (csrc/cuda/tr_attention_cuda.cu) kernels, written once with C10_HOST_DEVICE
 // so that both compute the same formulas (../shared/spec/ops.md section 2).
 //
 // Per dialogue the op needs, besides the per-utterance softmax rows, a few

@@ -1,16 +1,19 @@
 // scla_loss, CPU: the class sums (float64 partial sums over fixed row chunks,
 // so the result does not depend on the thread count), the fused per-anchor
-// pass (scla_loss_anchor.h, parallel over anchors) and the row gather. The
+// pass (scla_loss_math.h, parallel over anchors) and the row gather. The
 // driver (csrc/scla_loss.cpp) does the GEMMs. The CUDA twin is
-// csrc/cuda/scla_loss.cu.
+// csrc/cuda/scla_loss_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
+#include "kernel_table.h"
 #include "scla_loss.h"
-#include "scla_loss_anchor.h"
+#include "scla_loss_math.h"
 
 namespace cascla {
 namespace {
@@ -65,6 +68,16 @@ void class_sums_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     else
       class_sums_impl<scalar_t, false>(x, y, weight, out);
   });
+}
+
+void class_weights_cpu(const at::Tensor& y, double gamma, at::Tensor& out) {
+  const int64_t M = y.size(0), K = out.size(0);
+  const int64_t* yp = y.const_data_ptr<int64_t>();
+  std::vector<int64_t> n(static_cast<size_t>(K), 0);
+  for (int64_t i = 0; i < M; ++i) ++n[yp[i]];
+  double* w = out.data_ptr<double>();
+  for (int64_t c = 0; c < K; ++c)
+    w[c] = n[c] > 0 ? std::pow(static_cast<double>(M) / static_cast<double>(n[c]), gamma) : 0.0;
 }
 
 // Anchors per parallel chunk: each costs O((K + P)^2) exp/log.
@@ -137,29 +150,14 @@ void gather_rows_cpu(const at::Tensor& v, const at::Tensor& y, const at::Tensor&
   });
 }
 
-constexpr SclaKernels kCpuKernels{class_sums_cpu, anchor_forward_cpu, anchor_backward_cpu,
-                                  gather_rows_cpu};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cpu(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction) {
-  return scla_loss_forward(f, f_aug, z, y, alpha, beta, gamma, reduction, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction) {
-  return scla_loss_backward(grad, f, f_aug, z, y, logits, aug_logits, class_sums, alpha, beta,
-                            gamma, reduction, kCpuKernels);
-}
+constexpr SclaKernels kCpuKernels{class_sums_cpu, class_weights_cpu, anchor_forward_cpu,
+                                  anchor_backward_cpu, gather_rows_cpu};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CPU, m) {
-  m.impl("scla_loss", &scla_loss_cpu);
-  m.impl("scla_loss_backward", &scla_loss_backward_cpu);
+  m.impl("scla_loss", with_kernels<scla_loss_forward, kCpuKernels>);
+  m.impl("scla_loss_backward", with_kernels<scla_loss_backward, kCpuKernels>);
 }
 
 }  // namespace cascla

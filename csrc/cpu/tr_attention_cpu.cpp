@@ -1,27 +1,42 @@
 // tr_attention, CPU: one fused pass per dialogue, forward and backward,
 // vectorised over the rank axis (csrc/cpu/tr_attention_rows.inc), parallel over
 // dialogues, or over utterances when there are fewer dialogues than threads.
-// The CUDA twin is csrc/cuda/tr_attention.cu; the ring products of both are
-// csrc/tr_attention_ring.h.
+// The CUDA twin is csrc/cuda/tr_attention_cuda.cu; the ring products of both are
+// csrc/tr_attention_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec.h"
+#include "kernel_table.h"
 #include "tr_attention.h"
-#include "tr_attention_ring.h"
-#include <cstring>
+#include "tr_attention_math.h"
 
 namespace cascla {
 namespace {
 
+template <typename scalar_t>
+std::vector<const scalar_t*> ptrs(const std::vector<at::Tensor>& v) {
+  std::vector<const scalar_t*> p;
+  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
+  return p;
+}
+template <typename scalar_t>
+std::vector<scalar_t*> mut_ptrs(const std::vector<at::Tensor>& v) {
+  std::vector<scalar_t*> p;
+  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
+  return p;
+}
+
 // Raw pointers of one call, per modality, and the ring view of
-// tr_attention_ring.h over one dialogue's slice of the workspace.
+// tr_attention_math.h over one dialogue's slice of the workspace.
 template <typename scalar_t>
 struct Ctx {
   const TrRing& ring;
@@ -40,10 +55,17 @@ struct Ctx {
 
   int64_t off_P, off_PT, off_dP, off_dA, off_tmp, max_r;
 
-  explicit Ctx(const TrRing& r)
-      : ring(r), n(r.n()), B(r.B), T(r.T), off_P(r.off_P()), off_PT(r.off_PT()),
-        off_dP(r.off_dP()), off_dA(r.off_dA()), off_tmp(r.off_tmp()), max_r(r.max_rank()) {
-    for (int m = 0; m < n; ++m) pair_off.push_back(r.pair_offset(m));
+  // The pointers the forward and the backward share (theta and pooled are
+  // read only in the backward); forward_impl and backward_impl bind the rest.
+  explicit Ctx(const TrState& st)
+      : ring(st.ring), n(ring.n()), B(ring.B), T(ring.T),
+        mask(st.mask.data_ptr<bool>()), ws(st.workspace.data_ptr<scalar_t>()),
+        ws_per_dialogue(st.workspace.size(1)), q1(ptrs<scalar_t>(st.q1)),
+        q2(ptrs<scalar_t>(st.q2)), k1(ptrs<scalar_t>(st.k1)), k2(ptrs<scalar_t>(st.k2)),
+        theta(mut_ptrs<scalar_t>(st.theta)), pooled(mut_ptrs<scalar_t>(st.pooled)),
+        off_P(ring.off_P()), off_PT(ring.off_PT()), off_dP(ring.off_dP()),
+        off_dA(ring.off_dA()), off_tmp(ring.off_tmp()), max_r(ring.max_rank()) {
+    for (int m = 0; m < n; ++m) pair_off.push_back(ring.pair_offset(m));
   }
   int mod(int m) const { return ((m % n) + n) % n; }
   scalar_t* block(int64_t b, int64_t off, int m) const {
@@ -55,19 +77,6 @@ struct Ctx {
     return c;
   }
 };
-
-template <typename scalar_t>
-std::vector<const scalar_t*> ptrs(const std::vector<at::Tensor>& v) {
-  std::vector<const scalar_t*> p;
-  for (const auto& t : v) p.push_back(t.data_ptr<scalar_t>());
-  return p;
-}
-template <typename scalar_t>
-std::vector<scalar_t*> mut_ptrs(std::vector<at::Tensor>& v) {
-  std::vector<scalar_t*> p;
-  for (auto& t : v) p.push_back(t.data_ptr<scalar_t>());
-  return p;
-}
 
 template <typename scalar_t>
 struct HostView {
@@ -141,35 +150,7 @@ int64_t row_grain(const TrRing& ring) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1));
 }
 
-// The utterance loops, compiled for any CPU and, on x86-64 with GCC, again
-// for AVX2 + FMA; has_avx2() picks one at run time.
-namespace tr_cpu_base {
-#define CASCLA_TR_VEC_BYTES 16
-#include "cpu/tr_attention_rows.inc"
-#undef CASCLA_TR_VEC_BYTES
-}  // namespace tr_cpu_base
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CASCLA_TR_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace tr_cpu_avx2 {
-#define CASCLA_TR_VEC_BYTES 32
-#include "cpu/tr_attention_rows.inc"
-#undef CASCLA_TR_VEC_BYTES
-}  // namespace tr_cpu_avx2
-#pragma GCC pop_options
-#endif
-
-bool has_avx2() {
-#ifdef CASCLA_TR_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
+// The vectorised loops, per instruction set, and the table of them.
 template <typename scalar_t>
 struct RowKernels {
   decltype(Ctx<scalar_t>::gemm) gemm;
@@ -180,33 +161,19 @@ struct RowKernels {
   void (*grad_rows)(const Ctx<scalar_t>&, int64_t, int64_t);
 };
 
+#define CASCLA_ROWS_FILE "cpu/tr_attention_rows.inc"
+#include "cpu/isa_variants.inc"
+
 template <typename scalar_t>
 RowKernels<scalar_t> row_kernels() {
-#ifdef CASCLA_TR_HAVE_AVX2
-  if (has_avx2()) {
-    namespace k = tr_cpu_avx2;
-    return {k::gemm<scalar_t>, k::theta_rows<scalar_t>, k::pool<scalar_t>, k::out_rows<scalar_t>,
-            k::grad_pool<scalar_t>, k::grad_rows<scalar_t>};
-  }
-#endif
-  namespace k = tr_cpu_base;
-  return {k::gemm<scalar_t>, k::theta_rows<scalar_t>, k::pool<scalar_t>, k::out_rows<scalar_t>,
-          k::grad_pool<scalar_t>, k::grad_rows<scalar_t>};
+  return vec::cpu_has_avx2() ? isa_avx2::row_kernels<scalar_t>()
+                             : isa_base::row_kernels<scalar_t>();
 }
 
 template <typename scalar_t>
 void forward_impl(TrForwardState& st) {
   const TrRing& R = st.ring;
-  Ctx<scalar_t> c(R);
-  c.mask = st.mask.data_ptr<bool>();
-  c.ws = st.workspace.data_ptr<scalar_t>();
-  c.ws_per_dialogue = st.workspace.size(1);
-  c.q1 = ptrs<scalar_t>(st.q1);
-  c.q2 = ptrs<scalar_t>(st.q2);
-  c.k1 = ptrs<scalar_t>(st.k1);
-  c.k2 = ptrs<scalar_t>(st.k2);
-  c.theta = mut_ptrs<scalar_t>(st.theta);
-  c.pooled = mut_ptrs<scalar_t>(st.pooled);
+  Ctx<scalar_t> c(st);
   c.out = mut_ptrs<scalar_t>(st.out);
   const auto k = row_kernels<scalar_t>();
   c.gemm = k.gemm;
@@ -224,17 +191,8 @@ void forward_impl(TrForwardState& st) {
 template <typename scalar_t>
 void backward_impl(TrBackwardState& st) {
   const TrRing& R = st.ring;
-  Ctx<scalar_t> c(R);
-  c.mask = st.mask.data_ptr<bool>();
-  c.ws = st.workspace.data_ptr<scalar_t>();
-  c.ws_per_dialogue = st.workspace.size(1);
-  c.q1 = ptrs<scalar_t>(st.q1);
-  c.q2 = ptrs<scalar_t>(st.q2);
-  c.k1 = ptrs<scalar_t>(st.k1);
-  c.k2 = ptrs<scalar_t>(st.k2);
+  Ctx<scalar_t> c(st);
   c.grad_out = ptrs<scalar_t>(st.grad_out);
-  c.theta = mut_ptrs<scalar_t>(st.theta);    // read only
-  c.pooled = mut_ptrs<scalar_t>(st.pooled);  // read only
   c.dq1 = mut_ptrs<scalar_t>(st.dq1);
   c.dq2 = mut_ptrs<scalar_t>(st.dq2);
   c.dk1 = mut_ptrs<scalar_t>(st.dk1);
@@ -273,25 +231,13 @@ void backward_cpu(TrBackwardState& st) {
                              [&] { backward_impl<scalar_t>(st); });
 }
 
-std::tuple<TensorVec, TensorVec, TensorVec> tr_attention_cpu(
-    at::TensorList q1, at::TensorList q2, at::TensorList k1, at::TensorList k2,
-    const at::Tensor& mask, std::optional<double> scale) {
-  return tr_attention_forward(q1, q2, k1, k2, mask, scale, forward_cpu);
-}
-
-std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> tr_attention_backward_cpu(
-    at::TensorList grad_out, at::TensorList q1, at::TensorList q2, at::TensorList k1,
-    at::TensorList k2, const at::Tensor& mask, std::optional<double> scale,
-    at::TensorList theta, at::TensorList pooled) {
-  return tr_attention_backward(grad_out, q1, q2, k1, k2, mask, scale, theta, pooled,
-                               backward_cpu);
-}
+constexpr TrKernels kCpuKernels{forward_cpu, backward_cpu};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CPU, m) {
-  m.impl("tr_attention", &tr_attention_cpu);
-  m.impl("tr_attention_backward", &tr_attention_backward_cpu);
+  m.impl("tr_attention", with_kernels<tr_attention_forward, kCpuKernels>);
+  m.impl("tr_attention_backward", with_kernels<tr_attention_backward, kCpuKernels>);
 }
 
 }  // namespace cascla

@@ -1,8 +1,8 @@
 // scla_loss, CUDA: the class sums (float64 partial sums per fixed row chunk,
 // reduced by ATen: deterministic), the fused per-anchor pass (one thread per
-// anchor, the math of scla_loss_anchor.h) and the row gather, all on the
+// anchor, the math of scla_loss_math.h) and the row gather, all on the
 // current stream. The driver (csrc/scla_loss.cpp) does the GEMMs (cuBLAS
-// through ATen). The CPU twin is csrc/cpu/scla_loss.cpp.
+// through ATen). The CPU twin is csrc/cpu/scla_loss_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,8 +12,9 @@
 #include <algorithm>
 #include <climits>
 
+#include "kernel_table.h"
 #include "scla_loss.h"
-#include "scla_loss_anchor.h"
+#include "scla_loss_math.h"
 
 namespace cascla {
 namespace {
@@ -97,6 +98,36 @@ void class_sums_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   at::sum_out(out, partial, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Class weights: one block counts the labels (integer atomics: exact), then
+// (M / n_c)^gamma per class. No label is read back to the host.
+
+__global__ void __launch_bounds__(kThreads)
+class_weights_kernel(int64_t M, int64_t K, double gamma, const int64_t* __restrict__ y,
+                     unsigned long long* __restrict__ counts, double* __restrict__ w) {
+  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
+    const int64_t c = y[i];
+    CUDA_KERNEL_ASSERT(c >= 0 && c < K);  // the forward checked them on the host
+    if (c >= 0 && c < K) atomicAdd(counts + c, 1ull);
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    const unsigned long long n = counts[c];
+    w[c] = n > 0 ? pow(static_cast<double>(M) / static_cast<double>(n), gamma) : 0.0;
+  }
+}
+
+void class_weights_cuda(const at::Tensor& y, double gamma, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t M = y.size(0), K = out.size(0);
+  const at::Tensor counts = at::zeros({K}, y.options());  // int64, read as unsigned
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  class_weights_kernel<<<1, kThreads, 0, stream>>>(
+      M, K, gamma, y.const_data_ptr<int64_t>(),
+      reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------
@@ -208,29 +239,14 @@ void gather_rows_cuda(const at::Tensor& v, const at::Tensor& y, const at::Tensor
   });
 }
 
-constexpr SclaKernels kCudaKernels{class_sums_cuda, anchor_forward_cuda, anchor_backward_cuda,
-                                   gather_rows_cuda};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_cuda(
-    const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z, const at::Tensor& y,
-    double alpha, double beta, double gamma, c10::string_view reduction) {
-  return scla_loss_forward(f, f_aug, z, y, alpha, beta, gamma, reduction, kCudaKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& f_aug, const at::Tensor& z,
-    const at::Tensor& y, const at::Tensor& logits, const at::Tensor& aug_logits,
-    const at::Tensor& class_sums, double alpha, double beta, double gamma,
-    c10::string_view reduction) {
-  return scla_loss_backward(grad, f, f_aug, z, y, logits, aug_logits, class_sums, alpha, beta,
-                            gamma, reduction, kCudaKernels);
-}
+constexpr SclaKernels kCudaKernels{class_sums_cuda, class_weights_cuda, anchor_forward_cuda,
+                                   anchor_backward_cuda, gather_rows_cuda};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cascla_ext, CUDA, m) {
-  m.impl("scla_loss", &scla_loss_cuda);
-  m.impl("scla_loss_backward", &scla_loss_backward_cuda);
+  m.impl("scla_loss", with_kernels<scla_loss_forward, kCudaKernels>);
+  m.impl("scla_loss_backward", with_kernels<scla_loss_backward, kCudaKernels>);
 }
 
 }  // namespace cascla
