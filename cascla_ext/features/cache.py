@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from .._io import atomic_write, atomic_write_json
 
-__all__ = ["FeatureCache", "default_cache_dir", "key_hash"]
+__all__ = ["FeatureCache", "default_cache_dir", "file_sha256", "key_hash"]
 
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -38,6 +39,29 @@ def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cache key: {type(obj).__name__} is not JSON-serialisable ({obj!r})")
+
+
+_SHA_MEMO: dict[tuple, str] = {}
+_SHA_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes (remembered per path, size and mtime for the
+    process: the audio and the visual pass read a MELD clip once, not twice;
+    ATOMIC's CSV files key its cache by content, not by modification time)."""
+    st = os.stat(path)
+    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _SHA_LOCK:
+        known = _SHA_MEMO.get(stamp)
+    if known is not None:
+        return known
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    with _SHA_LOCK:
+        _SHA_MEMO[stamp] = h.hexdigest()
+    return h.hexdigest()
 
 
 def canonical_json(key: dict) -> str:

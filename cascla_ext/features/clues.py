@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.batch import CLUE_RELATIONS
-from .cache import FeatureCache
+from .cache import FeatureCache, file_sha256
 from .text import TextEncoder, loading_bars, model_dir_fingerprint, resolve_model_path, texts_sha256
 
 __all__ = ["CLUE_KINDS", "AtomicClues", "CometClues", "clue_extractor", "readable_atomic"]
@@ -84,14 +84,6 @@ def _atomic_files(atomic_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"AtomicClues: no *.csv files in {atomic_dir} (expected ATOMIC v4 CSVs, e.g. "
                                 f"v4_atomic_dev.csv, with columns event, {', '.join(CLUE_RELATIONS)})")
     return files
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parse_tails(cell: str, where: str) -> list[str]:
@@ -183,7 +175,7 @@ class AtomicClues:
             "encoder": encoder.fingerprint,
             # Content, not modification times: a copied or re-checked-out ATOMIC
             # folder (a CI machine, a new data mount) hits the same cache entries.
-            "files": [[f.name, f.stat().st_size, _file_sha256(f)] for f in self.files],
+            "files": [[f.name, f.stat().st_size, file_sha256(f)] for f in self.files],
             "max_events": max_events, "rewrite": REWRITE_VERSION,
         }
 

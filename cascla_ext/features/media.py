@@ -17,7 +17,6 @@ in the report, never a crash.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -28,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from .._extras import MEDIA, require
-from .cache import FeatureCache
+from .cache import FeatureCache, file_sha256
 
 __all__ = ["Clip", "ClipExtractor", "MediaError", "MediaFailure", "MediaResult", "as_clip", "decode_audio",
-           "extract_clips", "file_sha256", "read_frames"]
+           "extract_clips", "read_frames"]
 
 NOT_FOUND = "file not found"
 #: Decoded frames ``read_frames`` holds at most (at least twice the frames asked for).
@@ -107,28 +106,6 @@ class MediaResult:
         if self.cache_hits:
             line += f"; {self.cache_hits} from the cache"
         return line
-
-
-_SHA_MEMO: dict[tuple, str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of the file's bytes (remembered per path, size and mtime for the
-    process: the audio and the visual pass read a MELD clip once, not twice)."""
-    st = os.stat(path)
-    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    with _SHA_LOCK:
-        known = _SHA_MEMO.get(stamp)
-    if known is not None:
-        return known
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    with _SHA_LOCK:
-        _SHA_MEMO[stamp] = h.hexdigest()
-    return h.hexdigest()
 
 
 def _open(path: str):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .._extras import MEDIA, require
-from .media import Clip, ClipExtractor, file_sha256, read_frames
+from .cache import file_sha256
+from .media import Clip, ClipExtractor, read_frames
 
 __all__ = ["DEFAULT_VISUAL_BACKBONE", "VISUAL_BACKBONES", "MissingWeightsError", "VisualExtractor",
            "default_weights_path"]
