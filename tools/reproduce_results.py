@@ -57,7 +57,7 @@ from cascla_ext.data import FeatureOptions, load_dataset  # noqa: E402
 from cascla_ext.metrics import scores  # noqa: E402
 from cascla_ext.model import CaSCLA  # noqa: E402
 from cascla_ext.presets import LEARNING_RATE, config_for, tuned_path  # noqa: E402
-from cascla_ext.tune import read_config_file  # noqa: E402
+from cascla_ext.tune import ConfigFile, read_config_file  # noqa: E402
 from cascla_ext.train import (  # noqa: E402
     TrainSettings, evaluate, fit_model_decision_bias, summarise_scores, train,
 )
@@ -126,9 +126,7 @@ def defaults(ds: str, features: str) -> tuple[str, dict, dict]:
     package ships one (cascla_ext/tuned/), else the base widths with Adam at
     1e-3, BATCH[ds] dialogues per batch and 10 epochs."""
     path = tuned_path(ds, features == "finetuned")
-    if path is None:
-        return "base", {}, {"lr": LEARNING_RATE["base"], "batch_size": BATCH[ds], "epochs": 10}
-    file = read_config_file(path, "reproduce_results")
+    file = read_config_file(path, "reproduce_results") if path else ConfigFile("")
     widths = file.preset or "base"
     return widths, dict(file.config), {"lr": LEARNING_RATE[widths], "batch_size": BATCH[ds], "epochs": 10,
                                        **file.settings}
