@@ -76,6 +76,7 @@ VARIANTS = {
     "+ class-weighted CE": {"classifier_loss": "weighted_ce"},
     "+ focal CE": {"classifier_loss": "focal"},
     "+ decision biases (hold-out)": {"decision_bias": "mean_f1"},
+    "w/o decision biases": {"decision_bias": "none"},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
     # Readings of AST (issue 13): epsilon per utterance instead of per dialogue,
     # and a lighter adversarial cross-entropy.
@@ -91,10 +92,12 @@ STUDY = {f"{name}, batch {b}": {"contrastive": loss, "batch_size": b}
          for name, loss in STUDY_LOSSES.items() for b in STUDY_SIZES}
 ALL_VARIANTS = {**VARIANTS, **STUDY}
 SETTINGS_FIELDS = ("decision_bias", "batch_size")
-#: Rows that are another row's finished runs plus decision biases fitted on
+#: Rows that can be another row's finished runs plus decision biases fitted on
 #: the hold-out afterwards: exactly what training with --decision-bias does
-#: at its end (same seed, same model), without training again.
-POSTHOC_BIAS = {"+ decision biases (hold-out)": "CaSCLA (defaults)"}
+#: at its end (same seed, same model), without training again. Used where the
+#: row asks for decision biases and the other row's run trained without them
+#: (a preset with decision biases makes the defaults such a row).
+POSTHOC_BIAS = {"+ decision biases (hold-out)": "CaSCLA (defaults)", "CaSCLA (defaults)": "w/o decision biases"}
 BASELINE = "Logistic regression (context-free)"
 FEATURES = ("frozen", "finetuned")
 DATA = {"meld": "meld", "iemocap": "iemocap"}
@@ -200,11 +203,15 @@ def worker(args) -> int:
     corpus = load_corpus(args, ds, features)
     config, settings = make_config(corpus, variant, ds, features), settings_for(args, ds, int(seed), variant, features)
     path = run_dir(args, features, ds, variant, int(seed))
-    base = POSTHOC_BIAS.get(variant)
-    if base and finished(run_dir(args, features, ds, base, int(seed)),
-                         run_key(make_config(corpus, base, ds, features),
-                                 settings_for(args, ds, int(seed), base, features))):
-        return posthoc_bias(args, corpus, config, settings, path, run_dir(args, features, ds, base, int(seed)))
+    if settings.decision_bias != "none":
+        # The same model trained without decision biases, finished before (in
+        # this row's folder, e.g. before a preset added them, or in the
+        # POSTHOC_BIAS row's): fit the biases to it instead of training again.
+        plain = run_key(config, dataclasses.replace(settings, decision_bias="none"))
+        base = POSTHOC_BIAS.get(variant)
+        for src in [path] + ([run_dir(args, features, ds, base, int(seed))] if base else []):
+            if finished(src, plain) and (src / "model.pt").is_file():
+                return posthoc_bias(args, corpus, config, settings, path, src)
     metrics = train(config, corpus, path, settings,
                     {"dataset": ds, "features": feature_options(args, features).to_dict(), "holdout": HOLDOUT},
                     overwrite=True)  # a run without scores.json did not finish: redo it
@@ -303,40 +310,59 @@ def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str],
               flush=True)
         return rc
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        failed = sum(rc != 0 for rc in pool.map(launch, todo))
+    # In layers: a row fitted post hoc on another row's runs (POSTHOC_BIAS)
+    # waits for those runs, so that it reuses them instead of training.
+    failed = 0
+    while todo:
+        layer = [job for job in todo if not any(POSTHOC_BIAS.get(job[0]) == v and s == job[1] for v, s in todo)]
+        todo = [job for job in todo if job not in layer]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            failed += sum(rc != 0 for rc in pool.map(launch, layer))
     if failed:
         raise SystemExit(f"{failed} run(s) failed; their logs are beside the run folders")
+    # Rows of earlier invocations that this one did not ask for stay, with
+    # their own seeds (each row records them).
+    out_file = Path(args.out) / features / ds / ("batch_size.json" if study else "rows.json")
+    try:
+        kept = json.loads(out_file.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        kept = {}
     rows = {}
     for variant in wanted:
         config = make_config(corpus, variant, ds, features)
         done = [finished(run_dir(args, features, ds, variant, s),
                          run_key(config, settings_for(args, ds, s, variant, features))) for s in seeds]
         rows[variant] = summarise_scores([d["val"] for d in done], corpus.label_names) | {
-            "best_epochs": [d["best_epoch"] for d in done], "seconds": [d["seconds"] for d in done]}
+            "seeds": seeds, "best_epochs": [d["best_epoch"] for d in done], "seconds": [d["seconds"] for d in done]}
         print(f"{features} {ds} {variant}: val weighted F1 {fmt(rows[variant]['weighted_f1'])}", flush=True)
+    order = list(ALL_VARIANTS)
+    rows = {v: rows.get(v) or kept[v] for v in sorted(set(rows) | (set(kept) & set(order)), key=order.index)}
+    # The table's seeds: the defaults row's (the baseline runs on them too).
+    table_seeds = rows.get("CaSCLA (defaults)", {}).get("seeds", seeds)
     if not study:
-        rows[BASELINE] = logistic_regression(corpus, seeds)
+        rows[BASELINE] = logistic_regression(corpus, table_seeds) | {"seeds": table_seeds}
         print(f"{features} {ds} {BASELINE}: {fmt(rows[BASELINE]['weighted_f1'])}", flush=True)
     widths, _, base = defaults(ds, features)
-    meta = {"seeds": seeds, "epochs": settings_for(args, ds, seeds[0], wanted[0], features).epochs,
+    meta = {"seeds": table_seeds, "epochs": settings_for(args, ds, seeds[0], wanted[0], features).epochs,
             "preset": "tuned" if tuned_path(ds, features == "finetuned") else widths,
             "lr": base["lr"], "batch_size": base["batch_size"], "finetune_epochs": args.finetune_epochs if features == "finetuned"
             else None, "torch": torch.__version__, "threads": args.threads, "finished": time.strftime("%Y-%m-%d %H:%M"),
             "feature_seconds": feat_s, "label_names": corpus.label_names,
             "n_val": next(iter(rows.values()))["n"]}
-    atomic_write_json({"meta": meta, "rows": rows},
-                      Path(args.out) / features / ds / ("batch_size.json" if study else "rows.json"))
+    atomic_write_json({"meta": meta, "rows": rows}, out_file)
 
 
 def fmt(stat) -> str:
     return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
 
 
-def table(title: str, rows: dict, label_names: list[str]) -> str:
+def table(title: str, rows: dict, label_names: list[str], seeds: list[int]) -> str:
+    """``seeds``: the title's; a row run on other seeds says which."""
     head = "| model | weighted F1 | macro F1 | accuracy | " + " | ".join(label_names) + " |"
     lines = [title, "", head, "|" + " --- |" * (4 + len(label_names))]
     for model, s in rows.items():
+        if s.get("seeds", seeds) != seeds and model != BASELINE:
+            model = f"{model} (seeds {', '.join(map(str, s['seeds']))})"
         cells = [fmt(s["weighted_f1"]), fmt(s["macro_f1"]), fmt(s["accuracy"])]
         cells += [f"{100 * s['per_class_f1'][k]['mean']:.1f}" for k in label_names]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
@@ -400,7 +426,7 @@ def write_doc(args) -> None:
                  f"{how}, seeds {', '.join(map(str, meta['seeds']))}; {meta.get('preset', 'base')} preset, "
                  f"{meta['epochs']} epochs, batches of {meta.get('batch_size', BATCH[ds])}, "
                  f"lr {meta.get('lr', 1e-3):g}")
-        doc += [table(title, r["rows"], meta["label_names"]), ""]
+        doc += [table(title, r["rows"], meta["label_names"], meta["seeds"]), ""]
     for features in FEATURES:
         for ds in DATA:
             path = Path(args.out) / features / ds / "batch_size.json"
