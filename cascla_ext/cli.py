@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .presets import LEARNING_RATE, PRESETS, WIDTHS, config_for, default_widths, tuned_path, tuned_presets
+from .presets import LEARNING_RATE, PRESETS, WIDTHS, default_widths, tuned_path, tuned_presets
 
 __all__ = ["main"]
 
@@ -114,16 +114,12 @@ def _fraction(text: str) -> float:
 
 
 def _modalities(text: str) -> tuple[str, ...]:
-    names = {"t": "t", "text": "t", "a": "a", "audio": "a", "v": "v", "visual": "v"}
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part not in names:
-            raise argparse.ArgumentTypeError(f"unknown modality {part!r} (expected t, a, v)")
-        if names[part] in out:
-            raise argparse.ArgumentTypeError(f"modality {part!r} given twice")
-        out.append(names[part])
-    return tuple(out)
+    from .modalities import parse_modalities
+
+    try:
+        return parse_modalities([part.strip().lower() for part in text.split(",")], "--modalities")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--modalities: ")) from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -464,6 +460,7 @@ def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, re
 def _train(args) -> int:
     from pathlib import Path
 
+    from .config import CaSCLAConfig
     from .runs import check_run_dir
     from .train import TrainSettings, train, train_seeds
 
@@ -486,43 +483,14 @@ def _train(args) -> int:
     corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout,
                           _load_options(args, args.dataset))
     widths = (None if args.preset == "tuned" else args.preset) or (file and file.preset) or default_widths(args.dataset)
-    modalities = (args.modalities or (file and tuple(file.config.get("modalities") or ()))
-                  or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims))
-    missing = [m for m in modalities if m not in corpus.input_dims]
-    if missing:
-        raise CLIError(f"cascla train: dataset {args.dataset} has no {', '.join(missing)} features "
-                       f"(it has: {', '.join(corpus.input_dims)})")
-    # The config file's fields are the defaults; the flags given win.
+    # The config file's fields are the defaults; the flags given win; the data decides its own fields.
     overrides = dict(file.config) if file else {}
-    overrides.update(
-        num_classes=len(corpus.label_names), modalities=modalities,
-        input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-    )
-    if args.no_scla or args.contrastive == "none":
-        overrides["use_scla"] = False
-    elif args.contrastive is not None or not file:
-        overrides["use_scla"] = True
-    if args.no_ast or not file:
-        overrides["use_ast"] = not args.no_ast
-    if args.no_causal or not file:
-        overrides["use_causal"] = not args.no_causal
-    if args.reference_ops or not file:
-        overrides["ops_backend"] = "reference" if args.reference_ops else "fused"
-    if args.gamma is not None:
-        overrides["gamma"] = args.gamma
-    if args.scla_weight is not None:
-        overrides["scla_weight"] = args.scla_weight
-    if args.scla_normalization is not None:
-        overrides["scla_normalization"] = args.scla_normalization
-    for name in ("epsilon", "ast_norm", "ast_weight"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.contrastive not in (None, "none"):
-        overrides["contrastive"] = args.contrastive
-    if args.classifier_loss is not None:
-        overrides["classifier_loss"] = args.classifier_loss
-    overrides["class_prior"] = corpus.class_prior("train")
-    config = config_for(widths, **overrides)
+    try:
+        overrides["modalities"] = corpus.pick_modalities(args.modalities or overrides.get("modalities"))
+    except ValueError as err:  # a modality the data lacks
+        raise CLIError(f"cascla train: {err}") from None
+    overrides.update(_model_flags(args, file))
+    config = CaSCLAConfig.for_corpus(corpus, widths, **overrides)
     lr = args.lr if args.lr is not None else LEARNING_RATE[widths]
     threads = args.threads or (1 if args.device == "cpu" else None)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
@@ -549,6 +517,29 @@ def _train(args) -> int:
     metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite, stop_on_sigterm=True)
     _print_result(metrics, args.out)
     return 0
+
+
+def _model_flags(args, file) -> dict:
+    """The CaSCLAConfig fields that cascla train's flags set (without a config
+    file, the ablation switches are set either way)."""
+    out = {}
+    if args.no_scla or args.contrastive == "none":
+        out["use_scla"] = False
+    elif args.contrastive is not None or not file:
+        out["use_scla"] = True
+    if args.no_ast or not file:
+        out["use_ast"] = not args.no_ast
+    if args.no_causal or not file:
+        out["use_causal"] = not args.no_causal
+    if args.reference_ops or not file:
+        out["ops_backend"] = "reference" if args.reference_ops else "fused"
+    for name in ("gamma", "scla_weight", "scla_normalization", "epsilon", "ast_norm", "ast_weight",
+                 "classifier_loss"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    if args.contrastive not in (None, "none"):
+        out["contrastive"] = args.contrastive
+    return out
 
 
 def _print_result(metrics: dict, out) -> None:

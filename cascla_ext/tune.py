@@ -501,19 +501,15 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
     """The Optuna objective: train one trial into ``trials/<number>/``, selecting
     (and scoring) on the hold-out, reporting each epoch to the pruner."""
     from . import train as train_module
-    from .presets import LEARNING_RATE, config_for
+    from .config import CaSCLAConfig
+    from .presets import LEARNING_RATE
 
     threads = 1 if setup.device == "cpu" else None
     lr_default = LEARNING_RATE[setup.preset]
-    modalities = tuple(setup.fixed_config.get("modalities") or
-                       [m for m in ("t", "a", "v") if m in corpus.input_dims])
-    missing = [m for m in modalities if m not in corpus.input_dims]
-    if missing:
-        raise TuneError(f"cascla tune: dataset {setup.dataset} has no {', '.join(missing)} features (it has: "
-                        f"{', '.join(corpus.input_dims)})")
-    data_fields = dict(num_classes=len(corpus.label_names), modalities=modalities,
-                       input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-                       class_prior=corpus.class_prior("train"))
+    try:  # before any trial: the data must have the modalities the fixed config names
+        modalities = corpus.pick_modalities(setup.fixed_config.get("modalities"))
+    except ValueError as err:
+        raise TuneError(f"cascla tune: {err}") from None
 
     def objective(trial) -> float:
         params = suggest(trial, setup.space)
@@ -522,8 +518,8 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("pid", os.getpid())
         try:
-            values = {**setup.fixed_config, **config_over, **data_fields}
-            config = config_for(setup.preset, **values)
+            config = CaSCLAConfig.for_corpus(corpus, setup.preset,
+                                             **{**setup.fixed_config, **config_over, "modalities": modalities})
             settings = train_module.TrainSettings(**{
                 "lr": lr_default, **setup.fixed_settings, **settings_over, "epochs": setup.epochs,
                 "seed": setup.seed, "device": setup.device, "progress": False, "select_split": "holdout",

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MODALITIES = ("t", "a", "v")
-MODALITY_NAMES = {"t": "text", "a": "audio", "v": "visual"}
+from ..modalities import MODALITIES, MODALITY_NAMES  # noqa: F401 - re-exported by cascla_ext.data
 CLUE_RELATIONS = ("xReact", "xEffect", "xWant", "oReact", "oEffect", "oWant")  # 3 intra, then 3 inter
 
 

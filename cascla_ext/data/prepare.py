@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .batch import CLUE_RELATIONS, MODALITY_NAMES, Dialogue
+from .corpus import Corpus, feature_widths
 from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
 __all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
@@ -357,8 +358,6 @@ def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
     and cached as ``options`` say). ``options`` is updated in place with what
     was resolved (clue kind, fine-tuned encoder folder) so that a checkpoint
     can record it."""
-    from . import Corpus
-
     everything = raw.dialogues()
     if not everything:
         raise DataError(f"{raw.name}: no dialogues in {raw.source or 'the data'}")
@@ -370,12 +369,6 @@ def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
         n = len(raw.splits.get(s, []))
         splits[s] = prepared[k:k + n]
         k += n
-    first = prepared[0]
-    dims = {m: x.shape[1] for m, x in first.features.items()}
-    for d in prepared:
-        for m, x in d.features.items():
-            if dims.get(m) != x.shape[1]:
-                raise DataError(f"{raw.name}: dialogue {d.id} has {m} features of width {x.shape[1]}, "
-                                f"others have {dims.get(m)}")
+    dims, clue_dim = feature_widths(prepared, raw.name)
     return Corpus(name=raw.name, splits=splits, label_names=list(raw.label_names), input_dims=dims,
-                  clue_dim=first.clues.shape[2])
+                  clue_dim=clue_dim)

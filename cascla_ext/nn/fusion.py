@@ -22,12 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ..modalities import MODALITIES, canonical_modality
 
 __all__ = ["TensorRingFusion", "MODALITIES"]
 
-# Canonical names in ring order, and the long names accepted for them.
-MODALITIES = ("t", "a", "v")
-_ALIASES = {"t": "t", "text": "t", "a": "a", "audio": "a", "v": "v", "visual": "v"}
 _BACKENDS = {"fused": ops.tr_attention, "reference": reference.tr_attention}
 
 
@@ -95,7 +93,7 @@ class TensorRingFusion(nn.Module):
             raise ValueError(f"{owner}: dims must be a non-empty mapping modality -> width, got {dims!r}")
         canon: dict[str, str] = {}  # canonical -> name as given
         for name in dims:
-            key = _ALIASES.get(name)
+            key = canonical_modality(name)
             if key is None:
                 raise ValueError(
                     f"{owner}: unknown modality {name!r} in dims; expected some of "
@@ -130,7 +128,7 @@ class TensorRingFusion(nn.Module):
         self.branches = nn.ModuleDict()
         for m, name in enumerate(self.names):
             s, w = self.ranks[name], self.ranks[self.names[(m + 1) % n]]
-            self.branches[_ALIASES[name]] = _Branch(self.dims[name], s, w, self.out_dim, bias, factory)
+            self.branches[canonical_modality(name)] = _Branch(self.dims[name], s, w, self.out_dim, bias, factory)
 
     @property
     def backend(self) -> str:
@@ -153,7 +151,7 @@ class TensorRingFusion(nn.Module):
         return s
 
     def _branch(self, name: str) -> _Branch:
-        key = _ALIASES.get(name)
+        key = canonical_modality(name)
         if key is None or key not in self.branches:
             raise KeyError(f"TensorRingFusion: no modality {name!r}; configured: {self.names}")
         return self.branches[key]  # type: ignore[return-value]
