@@ -497,7 +497,7 @@ class _Tickets:
             return True
 
 
-def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callable:
+def make_objective(optuna, setup: TuneSetup, corpus, data_info) -> Callable:
     """The Optuna objective: train one trial into ``trials/<number>/``, selecting
     (and scoring) on the hold-out, reporting each epoch to the pruner."""
     from . import train as train_module
@@ -555,7 +555,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
     return objective
 
 
-def work(setup: TuneSetup, corpus, data_info: dict, *, index: int = 0, deadline: float | None = None) -> None:
+def work(setup: TuneSetup, corpus, data_info, *, index: int = 0, deadline: float | None = None) -> None:
     """One worker: run trials against study.db while this invocation's tickets last."""
     optuna = _optuna()
     study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(optuna, setup),

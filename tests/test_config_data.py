@@ -5,6 +5,7 @@ and the run's data settings as a typed record (``DataSpec``)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +119,97 @@ def test_one_modality_helper():
         parse_modalities(["t", "text"])
     fusion = TensorRingFusion({"visual": 3, "text": 4}, out_dim=8, ranks=2)
     assert fusion.names == ["text", "visual"] and set(fusion.branches) == {"t", "v"}
+
+
+# =========================================================================== DataSpec
+from cascla_ext.data import DataSpec, FeatureOptions  # noqa: E402
+
+#: A ``data`` entry as cascla train wrote it before DataSpec (a real dataset, fine-tuned encoder).
+OLD_DATA = {"dataset": "meld", "data_seed": 0, "data_dir": "/data/meld",
+            "features": {"encoder": None, "clues": "atomic", "atomic_dir": "/data/atomic", "comet": None,
+                         "finetune_encoder": True, "finetune_epochs": 1, "finetune_dir": "/cache/finetuned/meld-1",
+                         "audio": None, "audio_sample_rate": 16000, "visual": None, "visual_weights": None,
+                         "visual_weights_sha256": None, "visual_frames": None, "visual_size": None,
+                         "media_extractors": None},
+            "reader_options": {"media_dir": "/data/clips"}, "preset": "base", "widths": "base", "holdout": 0.1}
+
+
+def test_data_spec_round_trip_of_the_old_format():
+    spec = DataSpec.from_dict(OLD_DATA)
+    assert spec.to_dict() == OLD_DATA  # the format checkpoints and metrics.json have always held
+    assert isinstance(spec.features, FeatureOptions) and spec.features.clues == "atomic"
+    assert spec.features.may_finetune is False  # recorded settings never name a folder to write to
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.dataset = "iemocap"
+    # older records hold fewer entries: the rest take their defaults
+    old = DataSpec.from_dict({"dataset": "synthetic"})
+    assert (old.dataset, old.data_seed, old.data_dir, old.holdout) == ("synthetic", 0, None, None)
+    assert old.features.to_dict() == FeatureOptions().to_dict()  # what made a record without options
+    assert DataSpec.from_dict({"dataset": "jsonl", "features": {"clues": "none"}, "colour": 3}).features.clues == "none"
+    for bad, expect in [(5, "'data' entry is a int"), ({"dataset": "x"}, "data['dataset'] is 'x'"),
+                        ({"dataset": "meld", "holdout": 2.0}, "data['holdout'] is 2.0"),
+                        ({"dataset": "meld", "features": {"finetune_dir": 3}}, "data['features']['finetune_dir']"),
+                        ({"dataset": "meld", "features": {"colour": 1}}, "unknown entry 'colour'")]:
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            DataSpec.from_dict(bad)
+    assert DataSpec(reader_options={"unsafe_pickle": True, "text_layers": "mean"}).reader_options == \
+        {"text_layers": "mean"}  # trusting a file is never recorded
+
+
+def test_load_dataset_returns_its_spec_and_leaves_the_options_alone(synthetic):
+    assert synthetic.spec == DataSpec("synthetic", features=FeatureOptions())
+    again = synthetic.spec.load()
+    assert again.input_dims == synthetic.input_dims and again.spec.to_dict() == synthetic.spec.to_dict()
+    options = FeatureOptions(progress=False)
+    held = load_dataset("synthetic", seed=1, features=options, holdout=0.2)
+    assert held.spec.holdout == 0.2 and held.spec.data_seed == 1 and held.splits["holdout"]
+    rebuilt = held.spec.load()
+    assert [d.id for d in rebuilt.splits["holdout"]] == [d.id for d in held.splits["holdout"]]
+    # the spec keeps its own copy of the options
+    options.clues = "none"
+    assert held.spec.features.clues == "auto"
+
+
+def test_prepare_corpus_resolves_into_the_spec_not_the_options():
+    from cascla_ext.data import RawCorpus, RawDialogue, prepare_corpus
+
+    rng = np.random.default_rng(0)
+
+    def raw(i):
+        return RawDialogue(f"d{i}", ["a", "b"], ["A", "B"], ["x", "y"], features={"t": rng.random((2, 3))},
+                           clues=rng.random((2, 6, 4)).astype(np.float32))
+
+    corpus = prepare_corpus(RawCorpus("toy", ["x", "y"], {"train": [raw(0), raw(1)], "val": [raw(2)]}),
+                            options := FeatureOptions(use_cache=False, progress=False))
+    assert options.clues == "auto"  # not written back
+    assert corpus.spec.features.clues == "data" and corpus.input_dims == {"t": 3} and corpus.clue_dim == 4
+
+
+def test_a_checkpoint_records_the_spec_and_old_ones_load(tmp_path, synthetic, capsys):
+    import torch
+
+    from cascla_ext.cli import _checkpoint_data, main
+    from cascla_ext.train import TrainSettings, train
+
+    from conftest import small_config
+
+    spec = dataclasses.replace(synthetic.spec, preset="small", widths="small")
+    metrics = train(small_config(synthetic), synthetic, tmp_path / "run", TrainSettings(epochs=1, progress=False),
+                    spec)
+    assert metrics["data"] == spec.to_dict()
+    model, back = _checkpoint_data(str(tmp_path / "run" / "model.pt"))
+    assert back.to_dict() == spec.to_dict()
+    # a checkpoint written before DataSpec: a plain dict of fewer entries, or none (only "dataset")
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for name, change in [("partial", lambda s: s.update(data={"dataset": "synthetic", "data_seed": 0,
+                                                              "features": {"clues": "auto"}})),
+                         ("none", lambda s: (s.pop("data"), s.update(dataset="synthetic")))]:
+        old = dict(state)
+        change(old)
+        torch.save(old, tmp_path / f"{name}.pt")
+        _, spec_old = _checkpoint_data(str(tmp_path / f"{name}.pt"))
+        assert spec_old.dataset == "synthetic" and spec_old.data_seed == 0
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", str(tmp_path / f"{name}.pt"), "--split", "val", "--quiet",
+                     "--json"]) == 0
+        assert '"weighted_f1"' in capsys.readouterr().out

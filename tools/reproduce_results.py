@@ -203,9 +203,8 @@ def worker(args) -> int:
                          run_key(make_config(corpus, base, ds, features),
                                  settings_for(args, ds, int(seed), base, features))):
         return posthoc_bias(args, corpus, config, settings, path, run_dir(args, features, ds, base, int(seed)))
-    metrics = train(config, corpus, path, settings,
-                    {"dataset": ds, "features": feature_options(args, features).to_dict(), "holdout": HOLDOUT},
-                    overwrite=True)  # a run without scores.json did not finish: redo it
+    # corpus.spec: the data settings as load_dataset resolved them (recorded in the checkpoint)
+    metrics = train(config, corpus, path, settings, overwrite=True)  # a run without scores.json did not finish: redo it
     model = CaSCLA.load(path / "model.pt")
     val = evaluate(model, corpus.split("val"), settings.batch_size)
     atomic_write_json({"key": run_key(config, settings), "best_epoch": metrics["best_epoch"],

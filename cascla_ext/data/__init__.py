@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
 from .corpus import Corpus, feature_widths
 from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
 from .raw import DataError, RawCorpus, RawDialogue
+from .spec import DataSpec
 from .synthetic import make_synthetic
 
 __all__ = [
-    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError",
+    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError", "DataSpec",
     "Dialogue", "FeatureOptions", "RawCorpus", "RawDialogue", "collate", "feature_widths", "load_dataset",
     "make_synthetic", "prepare_corpus", "prepare_dialogues",
 ]
@@ -29,6 +33,10 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     ``holdout``: a fraction of the training dialogues to move to a
     ``holdout`` split (seed 0) before any feature is extracted, so that a
     fine-tuned encoder (``features.finetune_encoder``) does not train on it.
+
+    The corpus's ``spec`` (:class:`DataSpec`) records all of this, with the
+    feature options as resolved (``features`` itself is not changed), so that
+    ``spec.load()`` builds the same corpus again.
     """
     if name == "synthetic":
         from .synthetic import LABELS
@@ -39,7 +47,9 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
                 d.validate()
         dims, clue_dim = feature_widths(splits["train"], name)
         corpus = Corpus(name=name, splits=splits, label_names=list(LABELS), input_dims=dims, clue_dim=clue_dim)
-        return corpus.with_holdout(holdout, seed=0) if holdout else corpus
+        corpus = corpus.with_holdout(holdout, seed=0) if holdout else corpus
+        return replace(corpus, spec=DataSpec(name, data_seed=seed, features=features or FeatureOptions(),
+                                             reader_options=reader_options, holdout=holdout or None))
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if data_dir is None:
@@ -49,4 +59,6 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     raw = read_raw(name, data_dir, **reader_options)
     if holdout:
         raw = raw.with_holdout(holdout, seed=0)
-    return prepare_corpus(raw, features or FeatureOptions())
+    corpus = prepare_corpus(raw, features or FeatureOptions())
+    return replace(corpus, spec=replace(corpus.spec, dataset=name, data_seed=seed, data_dir=str(Path(data_dir).resolve()),
+                                        reader_options=reader_options, holdout=holdout or None))

@@ -88,5 +88,6 @@ class Corpus:
         training dialogues (removed from ``train``): a selection split that
         leaves ``val`` untouched for reporting."""
         self.split("train")
-        spec = self.spec if self.spec is None else replace(self.spec, holdout=fraction)
+        # load_dataset sets a hold-out aside with seed 0: only then can the spec rebuild it
+        spec = replace(self.spec, holdout=fraction) if self.spec is not None and seed == 0 else None
         return replace(self, splits=split_holdout(self.splits, fraction, seed, self.name), spec=spec)

@@ -129,6 +129,11 @@ class FeatureOptions:
         if self.media_workers < 1:
             raise ValueError(f"--media-workers must be >= 1, got {self.media_workers}")
 
+    def copy(self) -> FeatureOptions:
+        """An independent copy (its own media report and extractor record)."""
+        return dataclasses.replace(self, media_report=list(self.media_report),
+                                   media_extractors=dict(self.media_extractors) if self.media_extractors else None)
+
     def to_dict(self) -> dict:
         """What a checkpoint keeps to rebuild the same features later (no
         machine-specific settings such as the device or the cache folder)."""
@@ -290,7 +295,17 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
                       *, raw: RawCorpus | None = None, name: str = "data",
                       clue_kind: str | None = None) -> tuple[list[Dialogue], str]:
     """Model-ready dialogues (text features and clues extracted where the raw
-    ones lack them). Returns them and the clue kind used."""
+    ones lack them). Returns them and the clue kind used; ``options`` is not
+    changed (what extraction resolves goes into a copy)."""
+    return _prepare_dialogues(dialogues, label_names, options.copy(), raw=raw, name=name, clue_kind=clue_kind)
+
+
+def _prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], options: FeatureOptions,
+                       *, raw: RawCorpus | None = None, name: str = "data",
+                       clue_kind: str | None = None) -> tuple[list[Dialogue], str]:
+    """:func:`prepare_dialogues`, filling in ``options`` with what it resolves
+    (the fine-tuned encoder's folder, the media extractors and weights, the
+    media report)."""
     options.validate()
     if not dialogues:
         return [], clue_kind or "none"
@@ -353,17 +368,21 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
     return out, kind
 
 
-def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
+def prepare_corpus(raw: RawCorpus, options: FeatureOptions) -> Corpus:
     """A :class:`~cascla_ext.data.Corpus` from a raw one (features extracted
-    and cached as ``options`` say). ``options`` is updated in place with what
-    was resolved (clue kind, fine-tuned encoder folder) so that a checkpoint
-    can record it."""
+    and cached as ``options`` say). ``options`` is not changed: what was
+    resolved (the clue kind ``auto`` became, the fine-tuned encoder's folder,
+    the media extractors) is in the corpus's ``spec.features``, which a
+    checkpoint records."""
+    from .spec import DataSpec
+
     everything = raw.dialogues()
     if not everything:
         raise DataError(f"{raw.name}: no dialogues in {raw.source or 'the data'}")
-    prepared, kind = prepare_dialogues(everything, raw.label_names, options, raw=raw, name=raw.name)
-    if options.clues == "auto":
-        options.clues = kind
+    resolved = options.copy()
+    prepared, kind = _prepare_dialogues(everything, raw.label_names, resolved, raw=raw, name=raw.name)
+    if resolved.clues == "auto":
+        resolved.clues = kind
     splits, k = {}, 0
     for s in (*SPLITS, HOLDOUT):
         n = len(raw.splits.get(s, []))
@@ -371,4 +390,4 @@ def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
         k += n
     dims, clue_dim = feature_widths(prepared, raw.name)
     return Corpus(name=raw.name, splits=splits, label_names=list(raw.label_names), input_dims=dims,
-                  clue_dim=clue_dim)
+                  clue_dim=clue_dim, spec=DataSpec(dataset=raw.name, features=resolved))
