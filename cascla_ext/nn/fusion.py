@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ._backend import OpBackend
 from ..modalities import MODALITIES, canonical_modality
 
 __all__ = ["TensorRingFusion", "MODALITIES"]
 
-_BACKENDS = {"fused": ops.tr_attention, "reference": reference.tr_attention}
 
 
 def _positive_int(owner: str, name: str, value) -> int:
@@ -48,7 +48,7 @@ class _Branch(nn.Module):
         self.out = nn.Linear(d, out_dim, bias=False, **factory)
 
 
-class TensorRingFusion(nn.Module):
+class TensorRingFusion(OpBackend, nn.Module):
     """Modality-balancing fusion with tensor-ring contraction attention (Eqs. 2-6).
 
     Args:
@@ -73,6 +73,8 @@ class TensorRingFusion(nn.Module):
     Eq. 6 (the textual augmentation of the model feeds ``project("t", xs["t"])``
     to the context GRU).
     """
+
+    _OPS = {"fused": ops.tr_attention, "reference": reference.tr_attention}
 
     def __init__(
         self,
@@ -130,16 +132,6 @@ class TensorRingFusion(nn.Module):
             s, w = self.ranks[name], self.ranks[self.names[(m + 1) % n]]
             self.branches[canonical_modality(name)] = _Branch(self.dims[name], s, w, self.out_dim, bias, factory)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in _BACKENDS:
-            raise ValueError(f"TensorRingFusion: backend must be one of {sorted(_BACKENDS)}, got {value!r}")
-        self._backend = value
-
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
         ranks = ", ".join(f"{k}={v}" for k, v in self.ranks.items())
@@ -189,7 +181,7 @@ class TensorRingFusion(nn.Module):
         q2 = [br.q2(c) for br, c in zip(branches, cs)]
         k1 = [br.k1(c) for br, c in zip(branches, cs)]
         k2 = [br.k2(c) for br, c in zip(branches, cs)]
-        outs = _BACKENDS[self.backend](q1, q2, k1, k2, real, self.scale)
+        outs = self.op(q1, q2, k1, k2, real, self.scale)
 
         keep = real.unsqueeze(-1).to(ref.dtype)
         xs: dict[str, Tensor] = {}
