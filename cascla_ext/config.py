@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .data.batch import MODALITIES
+from .modalities import MODALITIES
 
 
 #: The classifier losses ``CaSCLAConfig.classifier_loss`` may name.
@@ -95,10 +95,20 @@ class CaSCLAConfig:
     ops_backend: str = "fused"
 
     def __post_init__(self) -> None:
+        # Normalisation happens here, once; validate() only checks.
         self.modalities = tuple(self.modalities)
+        if self.class_prior is not None:
+            try:
+                self.class_prior = tuple(float(p) for p in self.class_prior)
+            except (TypeError, ValueError):
+                pass  # validate() says what is wrong with it
+        if self.use_text_augmentation and "t" not in self.modalities:
+            self.use_text_augmentation = False  # no text branch to augment with
         self.validate()
 
     def validate(self) -> None:
+        """Check every field; a ValueError naming the first bad one. Changes nothing."""
+
         def fail(msg: str) -> None:
             raise ValueError(f"CaSCLAConfig: {msg}")
 
@@ -157,9 +167,11 @@ class CaSCLAConfig:
         if self.classifier_loss not in CLASSIFIER_LOSSES:
             fail(f"classifier_loss must be one of {', '.join(CLASSIFIER_LOSSES)}, got {self.classifier_loss!r}")
         if self.class_prior is not None:
-            self.class_prior = tuple(float(p) for p in self.class_prior)
-            if len(self.class_prior) != self.num_classes or not all(
-                    math.isfinite(p) and p >= 0 for p in self.class_prior) or not sum(self.class_prior) > 0:
+            prior = self.class_prior
+            if not isinstance(prior, (list, tuple)) or not all(
+                    isinstance(p, (int, float)) and not isinstance(p, bool) for p in prior) \
+                    or len(prior) != self.num_classes or not all(math.isfinite(p) and p >= 0 for p in prior) \
+                    or not sum(prior) > 0:
                 fail(f"class_prior must hold {self.num_classes} finite frequencies >= 0 (not all 0), "
                      f"got {self.class_prior}")
         elif self.classifier_loss in ("weighted_ce", "logit_adjusted"):
@@ -172,26 +184,39 @@ class CaSCLAConfig:
             fail(f"scla_normalization must be 'literal' or 'balanced', got {self.scla_normalization!r}")
         if self.ops_backend not in ("fused", "reference"):
             fail(f"ops_backend must be 'fused' or 'reference', got {self.ops_backend!r}")
-        if self.use_text_augmentation and "t" not in self.modalities:
-            self.use_text_augmentation = False  # no text branch to augment with
 
     @classmethod
     def small(cls, **overrides) -> CaSCLAConfig:
-        """Widths for CPU runs (the built-in synthetic dataset, tests)."""
-        values = dict(d_model=64, encoder_heads=4, encoder_ff=128, d_fused=64, d_hidden=48,
-                      d_feature=64, label_embedding_dim=32,
-                      ranks={"t": 8, "a": 6, "v": 6})
-        values.update(overrides)
-        return cls(**values)
+        """Widths for CPU runs (the built-in synthetic dataset, tests): the ``small`` preset."""
+        from .presets import config_for
+
+        return config_for("small", **overrides)
 
     @classmethod
     def base(cls, **overrides) -> CaSCLAConfig:
         """Widths for real datasets on a CPU (MELD or IEMOCAP in minutes per
-        seed): a quarter of the paper's d_m, d_h 128, the paper's ring ranks."""
-        values = dict(d_model=256, encoder_heads=4, encoder_ff=512, d_fused=256, d_hidden=128,
-                      d_feature=256, label_embedding_dim=128, ranks={"t": 16, "a": 16, "v": 16})
-        values.update(overrides)
-        return cls(**values)
+        seed): the ``base`` preset, a quarter of the paper's d_m, d_h 128, the
+        paper's ring ranks."""
+        from .presets import config_for
+
+        return config_for("base", **overrides)
+
+    @classmethod
+    def for_corpus(cls, corpus, preset: str | None = None, **overrides) -> CaSCLAConfig:
+        """The config of a model for ``corpus``: the widths of ``preset``
+        (``small``, ``base`` or ``paper``; None: the corpus's default,
+        :func:`cascla_ext.presets.default_widths`), then ``overrides``
+        (CaSCLAConfig fields), then what the data decides: ``num_classes``,
+        ``input_dims`` and ``clue_dim`` from the corpus, ``class_prior`` from
+        its training split. ``modalities`` (default: every one the corpus
+        has, in ring order) must be ones the corpus has features for. The
+        one place a model's config is derived from its data (the CLI, tune
+        and tools/reproduce_results.py call it)."""
+        from .presets import config_for, default_widths
+
+        modalities = corpus.pick_modalities(overrides.pop("modalities", None))
+        values = {**overrides, **corpus.config_fields(modalities)}
+        return config_for(preset or default_widths(corpus.name), **values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ the SCLA loss, and the adversarial pass adds its own CE (Eq. 21).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from ._io import atomic_torch_save
 from .config import CaSCLAConfig
 from .data.batch import Batch
+from .modalities import MODALITY_NAMES
 from .distributed import SCOPES, all_reduce_sum, world_size
 from .nn import CausalInteraction, PerturbedGRU, SCLALoss, SPCLLoss, SupConLoss, TensorRingFusion
 
@@ -133,21 +135,31 @@ class CaSCLA(nn.Module):
                 self.scla = SPCLLoss(cfg.num_classes, cfg.d_feature, temperature=cfg.contrastive_temperature)
 
     # ------------------------------------------------------------------ parts
-    def _check_batch(self, batch: Batch) -> None:
+    def check_inputs(self, input_dims: Mapping[str, int], clues: tuple[int, ...] | None) -> None:
+        """That data of these feature widths (modality -> width) and clues
+        (their shape's last two entries, (6, d_c), or None without clues) fits
+        this model: a ValueError naming the modality or the clues otherwise.
+        The one check of a model's inputs (every forward's batch, and the
+        corpus ``cascla evaluate`` and ``predict`` build)."""
         cfg = self.config
         for m in cfg.modalities:
-            if m not in batch.features:
-                raise ValueError(f"CaSCLA: the batch has no features for modality {m!r} "
+            if m not in input_dims:
+                raise ValueError(f"CaSCLA: the data has no features for modality {m!r} "
                                  f"(configured: {', '.join(cfg.modalities)})")
-            if batch.features[m].shape[-1] != cfg.input_dims[m]:
-                raise ValueError(f"CaSCLA: features[{m!r}] have width {batch.features[m].shape[-1]}, "
-                                 f"the config says input_dims[{m!r}] = {cfg.input_dims[m]}")
+            if input_dims[m] != cfg.input_dims[m]:
+                raise ValueError(f"CaSCLA: the {MODALITY_NAMES[m]} features have width {input_dims[m]}, the "
+                                 f"model expects input_dims[{m!r}] = {cfg.input_dims[m]} (features of another "
+                                 "encoder or feature set than it was trained with?)")
         if cfg.use_causal:
-            if batch.clues is None:
+            if clues is None:
                 raise ValueError("CaSCLA: use_causal needs clue vectors in the batch (batch.clues)")
-            if batch.clues.shape[-2:] != (6, cfg.clue_dim):
-                raise ValueError(f"CaSCLA: clues have shape {tuple(batch.clues.shape)}, expected "
-                                 f"(B, T, 6, {cfg.clue_dim})")
+            if tuple(clues) != (6, cfg.clue_dim):
+                raise ValueError(f"CaSCLA: clues of shape (..., {', '.join(map(str, clues))}), the model expects "
+                                 f"(..., 6, {cfg.clue_dim}) (other clues than it was trained with?)")
+
+    def _check_batch(self, batch: Batch) -> None:
+        self.check_inputs({m: x.shape[-1] for m, x in batch.features.items()},
+                          None if batch.clues is None else tuple(batch.clues.shape[-2:]))
 
     def _prepare_interaction(self, batch: Batch) -> tuple | None:
         """What the causal interaction needs that no view changes (projected

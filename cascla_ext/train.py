@@ -22,13 +22,13 @@ import torch
 from . import distributed as D
 from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
-from .data import Corpus, Dialogue, collate
+from .data import Corpus, DataSpec, Dialogue, collate
 from .distributed import SCOPES
 from .metrics import scores
 from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "LAST_CHECKPOINT", "ResumeError", "TrainSettings", "TrainingDiverged",
-           "TrainingStopped", "evaluate", "fit_decision_bias", "fit_model_decision_bias",
+           "TrainingStopped", "data_record", "evaluate", "fit_decision_bias", "fit_model_decision_bias",
            "predict_dialogues", "read_last", "seed_everything", "summarise_scores", "train", "train_seeds"]
 
 
@@ -348,16 +348,28 @@ def _read_last(run_dir: Path) -> dict:
     return state
 
 
+def data_record(data: DataSpec | dict | None, corpus: Corpus) -> dict:
+    """The ``data`` entry a run records (checkpoints, last.pt, metrics.json,
+    summary.json): ``data``'s (a :class:`DataSpec`, or a dict in its format),
+    else the corpus's own spec, else just its name."""
+    if data is None:
+        data = corpus.spec or DataSpec(dataset=corpus.name)
+    elif isinstance(data, dict):
+        data = DataSpec.from_dict(data)
+    return data.to_dict()
+
+
 def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
-          settings: TrainSettings, data_info: dict | None = None, *, overwrite: bool = False,
+          settings: TrainSettings, data: DataSpec | dict | None = None, *, overwrite: bool = False,
           on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
           stop_on_sigterm: bool = False) -> dict:
     """Train on corpus' train split, pick the epoch with the best weighted F1
     on ``settings.select_split`` (validation by default, never the test
     split), write ``model.pt`` (that epoch) and ``metrics.json`` to
-    ``out_dir``. ``data_info`` (the dataset and feature settings) goes into
-    the checkpoint so that ``cascla evaluate``/``predict`` rebuild the same
-    features. Returns the metrics.
+    ``out_dir``. ``data`` (a :class:`DataSpec`: the dataset and feature
+    settings; default ``corpus.spec``) goes into the checkpoint so that
+    ``cascla evaluate``/``predict`` rebuild the same features. Returns the
+    metrics.
 
     The run folder is claimed for the run (:func:`cascla_ext.runs.claim_run_dir`:
     a second run into it fails, a finished run is not overwritten unless
@@ -396,6 +408,7 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
 
     settings.validate()
     config.validate()
+    data_info = data_record(data, corpus)
     device = resolve_device(settings.device)
     if D.world_size() > settings.batch_size:
         raise ValueError(f"--batch-size {settings.batch_size} is the global batch (dialogues per step over all "
@@ -469,7 +482,6 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     board = _tensorboard(out_dir) if settings.tensorboard and writes else None
     generator = torch.Generator().manual_seed(settings.seed)
-    data_info = data_info or {"dataset": corpus.name}
     metrics = {
         "dataset": corpus.name,
         "seed": settings.seed,
@@ -738,7 +750,7 @@ def summarise_scores(runs: Sequence[dict], label_names: Sequence[str]) -> dict:
 
 
 def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike, settings: TrainSettings,
-                seeds: Sequence[int], data_info: dict | None = None,
+                seeds: Sequence[int], data: DataSpec | dict | None = None,
                 report_splits: Sequence[str] = ("val",), *, overwrite: bool = False) -> dict:
     """Train once per seed into ``out_dir/seed_<s>/``, score each run's best
     checkpoint on its selection split and on ``report_splits`` (never test
@@ -748,8 +760,8 @@ def train_seeds(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike
     from .runs import claim_run_dir
 
     with D.on_rank_zero(lambda: claim_run_dir(out_dir, overwrite=overwrite)):
-        return _train_seeds(config, corpus, Path(out_dir).expanduser(), settings, seeds, data_info, report_splits,
-                            overwrite)
+        return _train_seeds(config, corpus, Path(out_dir).expanduser(), settings, seeds, data_record(data, corpus),
+                            report_splits, overwrite)
 
 
 def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, report_splits, overwrite) -> dict:
@@ -772,7 +784,7 @@ def _train_seeds(config, corpus, out_dir: Path, settings, seeds, data_info, repo
         runs.append({"seed": seed, "best_epoch": metrics["best_epoch"], "scores": scored,
                      "seconds": metrics["total_seconds"]})
     summary = {"dataset": corpus.name, "seeds": list(seeds), "select_split": settings.select_split,
-               "config": config.to_dict(), "data": data_info or {"dataset": corpus.name}, "splits": {}}
+               "config": config.to_dict(), "data": data_info, "splits": {}}
     keep = ("weighted_f1", "accuracy", "macro_f1", "per_class_f1")
     for s in splits:
         summary["splits"][s] = summarise_scores([r["scores"][s] for r in runs], corpus.label_names)

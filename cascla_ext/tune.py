@@ -497,23 +497,19 @@ class _Tickets:
             return True
 
 
-def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callable:
+def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
     """The Optuna objective: train one trial into ``trials/<number>/``, selecting
     (and scoring) on the hold-out, reporting each epoch to the pruner."""
     from . import train as train_module
-    from .presets import LEARNING_RATE, config_for
+    from .config import CaSCLAConfig
+    from .presets import LEARNING_RATE
 
     threads = 1 if setup.device == "cpu" else None
     lr_default = LEARNING_RATE[setup.preset]
-    modalities = tuple(setup.fixed_config.get("modalities") or
-                       [m for m in ("t", "a", "v") if m in corpus.input_dims])
-    missing = [m for m in modalities if m not in corpus.input_dims]
-    if missing:
-        raise TuneError(f"cascla tune: dataset {setup.dataset} has no {', '.join(missing)} features (it has: "
-                        f"{', '.join(corpus.input_dims)})")
-    data_fields = dict(num_classes=len(corpus.label_names), modalities=modalities,
-                       input_dims={m: corpus.input_dims[m] for m in modalities}, clue_dim=corpus.clue_dim,
-                       class_prior=corpus.class_prior("train"))
+    try:  # before any trial: the data must have the modalities the fixed config names
+        modalities = corpus.pick_modalities(setup.fixed_config.get("modalities"))
+    except ValueError as err:
+        raise TuneError(f"cascla tune: {err}") from None
 
     def objective(trial) -> float:
         params = suggest(trial, setup.space)
@@ -522,8 +518,8 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("pid", os.getpid())
         try:
-            values = {**setup.fixed_config, **config_over, **data_fields}
-            config = config_for(setup.preset, **values)
+            config = CaSCLAConfig.for_corpus(corpus, setup.preset,
+                                             **{**setup.fixed_config, **config_over, "modalities": modalities})
             settings = train_module.TrainSettings(**{
                 "lr": lr_default, **setup.fixed_settings, **settings_over, "epochs": setup.epochs,
                 "seed": setup.seed, "device": setup.device, "progress": False, "select_split": "holdout",
@@ -545,7 +541,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
         import torch
 
         try:
-            metrics = train_module.train(config, corpus, run_dir, settings, data_info, overwrite=True,
+            metrics = train_module.train(config, corpus, run_dir, settings, spec, overwrite=True,
                                          on_epoch=on_epoch)
         except (train_module.TrainingDiverged, torch.cuda.OutOfMemoryError) as err:
             trial.set_user_attr("error", " ".join(str(err).split())[:300])
@@ -559,7 +555,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, data_info: dict) -> Callabl
     return objective
 
 
-def work(setup: TuneSetup, corpus, data_info: dict, *, index: int = 0, deadline: float | None = None) -> None:
+def work(setup: TuneSetup, corpus, spec, *, index: int = 0, deadline: float | None = None) -> None:
     """One worker: run trials against study.db while this invocation's tickets last."""
     optuna = _optuna()
     study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(optuna, setup),
@@ -567,7 +563,7 @@ def work(setup: TuneSetup, corpus, data_info: dict, *, index: int = 0, deadline:
     # Each worker (and each resumption) samples from its own stream.
     study.sampler = _sampler(optuna, setup, 1009 * len(study.get_trials(deepcopy=False)) + index)
     tickets = _Tickets(setup.study_dir / ".tickets")
-    objective = make_objective(optuna, setup, corpus, data_info)
+    objective = make_objective(optuna, setup, corpus, spec)
 
     def after_trial(study, trial) -> None:
         write_best(optuna, study, setup)
@@ -620,7 +616,7 @@ def _open_study(optuna, setup: TuneSetup):
 def run(setup: TuneSetup, load_corpus: Callable[[], tuple], *, jobs: int = 1, timeout: float | None = None,
         worker_command: list[str] | None = None) -> dict:
     """Run (or resume) the study: load the corpus once (``load_corpus()`` returns
-    ``(corpus, data_info)``), then trials until ``setup.trials`` are finished,
+    ``(corpus, spec)``, spec the run's DataSpec), then trials until ``setup.trials`` are finished,
     in-process (``jobs`` 1) or in ``jobs`` worker processes started with
     ``worker_command + ["--worker", i, "--deadline", t]``. Writes best.json and
     returns ``{"best": ..., counts}``."""
@@ -634,7 +630,7 @@ def run(setup: TuneSetup, load_corpus: Callable[[], tuple], *, jobs: int = 1, ti
         # Under the lock no other cascla tune runs this study: a running trial is a dead one's.
         for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, state=S.FAIL)
-        corpus, data_info = load_corpus()
+        corpus, spec = load_corpus()
         deadline = None if timeout is None else time.time() + timeout  # the trials' time, not the data's
         counts = _counts(optuna, study)
         left = setup.trials - counts["n_complete"] - counts["n_pruned"]
@@ -648,7 +644,7 @@ def run(setup: TuneSetup, load_corpus: Callable[[], tuple], *, jobs: int = 1, ti
                       f"({counts['n_complete'] + counts['n_pruned']} of {setup.trials} finished), "
                       f"{jobs} worker{'s' if jobs != 1 else ''}", file=sys.stderr, flush=True)
             if jobs == 1:
-                work(setup, corpus, data_info, index=0, deadline=deadline)
+                work(setup, corpus, spec, index=0, deadline=deadline)
             else:
                 failed_workers = _run_workers(worker_command, jobs, deadline, setup.device)
             with contextlib.suppress(FileNotFoundError):

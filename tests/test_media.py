@@ -425,7 +425,8 @@ def test_iemocap_audio_and_3d_visual_features(tmp_path):
     # three utterances, three spans of different colours: three different visual vectors
     assert len({tuple(np.round(v, 4)) for v in d.features["v"]}) == 3
     assert not corpus.split("test")[0].features["a"].any()  # no transcript: zeros, counted
-    assert [line.split(": ", 2)[2].split(";")[0] for line in options.media_report] == \
+    # what extraction resolved is in the corpus's spec (the options given are not changed)
+    assert [line.split(": ", 2)[2].split(";")[0] for line in corpus.spec.features.media_report] == \
         ["features for 3 of 4 utterances"] * 2
 
 
@@ -460,11 +461,12 @@ def test_prepare_extracts_media_with_zero_rows_for_bad_clips(tmp_path):
     assert not train[0].features["a"][1].any() and train[0].features["a"][0].any()
     assert not train[1].features["a"][0].any()
     assert not corpus.split("val")[1].features["a"][1].any()
-    assert len(options.media_report) == 1
+    report = corpus.spec.features.media_report  # what extraction resolved (the options given are not changed)
+    assert len(report) == 1
     assert "features for 10 of 13 utterances; 3 given zero features (2 unreadable, 1 file not found)" \
-        in options.media_report[0]
+        in report[0]
     first = str(clips.resolve() / "train_splits" / "dia0_utt1.mp4")
-    assert f"first: {first}: not a readable media file (Invalid data" in options.media_report[0]
+    assert f"first: {first}: not a readable media file (Invalid data" in report[0]
     # without media, asking for audio is one clear error
     with pytest.raises(DataError, match="audio features need media: pass --media-dir"):
         load_dataset("meld", data_dir=str(data), features=FeatureOptions(audio="eGeMAPSv02", use_cache=False,

@@ -56,7 +56,7 @@ from cascla_ext._io import atomic_write, atomic_write_json  # noqa: E402
 from cascla_ext.data import FeatureOptions, load_dataset  # noqa: E402
 from cascla_ext.metrics import scores  # noqa: E402
 from cascla_ext.model import CaSCLA  # noqa: E402
-from cascla_ext.presets import LEARNING_RATE, config_for, tuned_path  # noqa: E402
+from cascla_ext.presets import LEARNING_RATE, tuned_path  # noqa: E402
 from cascla_ext.tune import ConfigFile, read_config_file  # noqa: E402
 from cascla_ext.train import (  # noqa: E402
     TrainSettings, evaluate, fit_model_decision_bias, summarise_scores, train,
@@ -138,9 +138,7 @@ def defaults(ds: str, features: str) -> tuple[str, dict, dict]:
 def make_config(corpus, variant: str, ds: str, features: str) -> CaSCLAConfig:
     widths, base, _ = defaults(ds, features)
     overrides = {k: v for k, v in ALL_VARIANTS[variant].items() if k not in SETTINGS_FIELDS}
-    return config_for(widths, **{**base, **overrides}, num_classes=len(corpus.label_names), modalities=("t",),
-                      input_dims={"t": corpus.input_dims["t"]}, clue_dim=corpus.clue_dim,
-                      class_prior=corpus.class_prior())
+    return CaSCLAConfig.for_corpus(corpus, widths, **{**base, **overrides, "modalities": ("t",)})
 
 
 def run_dir(args, features: str, ds: str, variant: str, seed: int) -> Path:
@@ -212,9 +210,8 @@ def worker(args) -> int:
         for src in [path] + ([run_dir(args, features, ds, base, int(seed))] if base else []):
             if finished(src, plain) and (src / "model.pt").is_file():
                 return posthoc_bias(args, corpus, config, settings, path, src)
-    metrics = train(config, corpus, path, settings,
-                    {"dataset": ds, "features": feature_options(args, features).to_dict(), "holdout": HOLDOUT},
-                    overwrite=True)  # a run without scores.json did not finish: redo it
+    # corpus.spec: the data settings as load_dataset resolved them (recorded in the checkpoint)
+    metrics = train(config, corpus, path, settings, overwrite=True)  # a run without scores.json did not finish: redo it
     model = CaSCLA.load(path / "model.pt")
     val = evaluate(model, corpus.split("val"), settings.batch_size)
     atomic_write_json({"key": run_key(config, settings), "best_epoch": metrics["best_epoch"],

@@ -2,61 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from pathlib import Path
 
 from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
+from .corpus import Corpus, feature_widths
 from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
-from .raw import DataError, RawCorpus, RawDialogue, holdout_indices
+from .raw import DataError, RawCorpus, RawDialogue
+from .spec import DataSpec
 from .synthetic import make_synthetic
 
 __all__ = [
-    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError",
-    "Dialogue", "FeatureOptions", "RawCorpus", "RawDialogue", "collate", "load_dataset",
+    "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError", "DataSpec",
+    "Dialogue", "FeatureOptions", "RawCorpus", "RawDialogue", "collate", "feature_widths", "load_dataset",
     "make_synthetic", "prepare_corpus", "prepare_dialogues",
 ]
 
 #: ``synthetic`` is built in; the others are read from ``data_dir`` (docs/data-formats.md).
 DATASETS = ("synthetic", "meld", "iemocap", "cosmic", "jsonl")
-
-
-@dataclass
-class Corpus:
-    """Splits of one dataset and what the model needs to know about it."""
-
-    name: str
-    splits: dict[str, list[Dialogue]]
-    label_names: list[str]
-    input_dims: dict[str, int]
-    clue_dim: int
-
-    def split(self, name: str) -> list[Dialogue]:
-        if name not in self.splits or not self.splits[name]:
-            have = ", ".join(s for s, d in self.splits.items() if d)
-            raise ValueError(f"dataset {self.name} has no split {name!r} (it has: {have})")
-        return self.splits[name]
-
-    def class_prior(self, split: str = "train") -> tuple[float, ...]:
-        """The label frequencies of ``split`` (labelled utterances only), in label order."""
-        counts = [0] * len(self.label_names)
-        for d in self.split(split):
-            for y in d.labels:
-                if y >= 0:
-                    counts[int(y)] += 1
-        total = sum(counts)
-        if not total:
-            raise ValueError(f"dataset {self.name}: the {split} split has no labelled utterance")
-        return tuple(c / total for c in counts)
-
-    def with_holdout(self, fraction: float = 0.1, seed: int = 0) -> Corpus:
-        """A copy whose split ``holdout`` is a deterministic ``fraction`` of the
-        training dialogues (removed from ``train``): a selection split that
-        leaves ``val`` untouched for reporting."""
-        train = self.split("train")
-        held = holdout_indices(len(train), fraction, seed, self.name)
-        splits = dict(self.splits)
-        splits["train"] = [d for i, d in enumerate(train) if i not in held]
-        splits["holdout"] = [d for i, d in enumerate(train) if i in held]
-        return Corpus(self.name, splits, self.label_names, self.input_dims, self.clue_dim)
 
 
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
@@ -70,19 +33,23 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     ``holdout``: a fraction of the training dialogues to move to a
     ``holdout`` split (seed 0) before any feature is extracted, so that a
     fine-tuned encoder (``features.finetune_encoder``) does not train on it.
+
+    The corpus's ``spec`` (:class:`DataSpec`) records all of this, with the
+    feature options as resolved (``features`` itself is not changed), so that
+    ``spec.load()`` builds the same corpus again.
     """
     if name == "synthetic":
         from .synthetic import LABELS
 
         splits = make_synthetic(seed)
-        first = splits["train"][0]
         for dialogues in splits.values():
             for d in dialogues:
                 d.validate()
-        corpus = Corpus(name=name, splits=splits, label_names=list(LABELS),
-                        input_dims={m: x.shape[1] for m, x in first.features.items()},
-                        clue_dim=first.clues.shape[2])
-        return corpus.with_holdout(holdout, seed=0) if holdout else corpus
+        dims, clue_dim = feature_widths(splits["train"], name)
+        corpus = Corpus(name=name, splits=splits, label_names=list(LABELS), input_dims=dims, clue_dim=clue_dim)
+        corpus = corpus.with_holdout(holdout, seed=0) if holdout else corpus
+        return replace(corpus, spec=DataSpec(name, data_seed=seed, features=features or FeatureOptions(),
+                                             reader_options=reader_options, holdout=holdout or None))
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if data_dir is None:
@@ -92,4 +59,6 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     raw = read_raw(name, data_dir, **reader_options)
     if holdout:
         raw = raw.with_holdout(holdout, seed=0)
-    return prepare_corpus(raw, features or FeatureOptions())
+    corpus = prepare_corpus(raw, features or FeatureOptions())
+    return replace(corpus, spec=replace(corpus.spec, dataset=name, data_seed=seed, data_dir=str(Path(data_dir).resolve()),
+                                        reader_options=reader_options, holdout=holdout or None))

@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MODALITIES = ("t", "a", "v")
-MODALITY_NAMES = {"t": "text", "a": "audio", "v": "visual"}
+from ..modalities import MODALITIES, MODALITY_NAMES  # noqa: F401 - re-exported by cascla_ext.data
 CLUE_RELATIONS = ("xReact", "xEffect", "xWant", "oReact", "oEffect", "oWant")  # 3 intra, then 3 inter
+#: The kinds of clues an extractor makes (``cascla_ext.features.clue_extractor``); the
+#: ``--clues`` choices add ``auto`` (``FeatureOptions``), which may resolve to ``data``.
+CLUE_KINDS = ("atomic", "comet", "none")
 
 
 @dataclass

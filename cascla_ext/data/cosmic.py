@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .batch import CLUE_RELATIONS
-from .iemocap import IEMOCAP_LABELS, id_sort_key, is_hashable, label_names_of, ordered_ids
+from .iemocap import IEMOCAP_LABELS, check_split_ids, id_sort_key, is_hashable, label_names_of, ordered_ids
 from .meld import MELD_LABELS, normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
 from .safe_pickle import load_pickle
@@ -345,22 +345,15 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
     comet = _load_comet(comet_path, unsafe_pickle) if comet_path.is_file() else None
 
     ids = {s: ordered_ids(items.get(f), f"{f} ids", str(path)) for f, s in _SPLIT_FIELDS.items()}
-    for f, s in _SPLIT_FIELDS.items():
-        bad = next((v for v in ids[s] if not is_hashable(v)), None)
-        if bad is not None:
-            raise DataError(f"{path}: {f} ids: a dialogue id must be a string or an int, got a {type(bad).__name__}")
+    check_split_ids({s: ids[s] for s in SPLITS}, str(path))
     held_out: set = set()
     if not ids["val"]:
         ids["train"], ids["val"] = hold_out(ids["train"])
         held_out = set(ids["val"])
-    seen: dict[Any, str] = {}
     splits: dict[str, list[RawDialogue]] = {s: [] for s in SPLITS}
     for split in SPLITS:
         for vid in ids[split]:
             where = f"{path}: dialogue {vid!r}"
-            if vid in seen:
-                raise DataError(f"{where}: in both the {seen[vid]} and the {split} ids")
-            seen[vid] = split
             absent = [f for f in ("speakers", "labels", "sentences") if vid not in items[f]]
             if absent:
                 raise DataError(f"{where}: missing from {', '.join(absent)}")
@@ -390,7 +383,7 @@ def read_cosmic(data_dir: str | Path, dataset: str | None = None,
                 clues=None if comet is None else _clues(comet, vid, n, f"{comet_path}: dialogue {vid!r}"),
                 meta=meta,
             ))
-    if not seen:
+    if not any(ids.values()):
         raise DataError(f"{path}: the train, valid and test id lists are all empty")
     return RawCorpus(name=f"cosmic-{dataset}", label_names=list(label_names), splits=splits,
                      source=str(path))

@@ -28,8 +28,8 @@ from .meld import normalize_text
 from .raw import SPLITS, DataError, RawCorpus, RawDialogue
 from .safe_pickle import load_pickle
 
-__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "id_sort_key", "is_hashable", "label_index", "label_names_of",
-           "load_pickle", "ordered_ids", "read_iemocap"]
+__all__ = ["IEMOCAP_FILE", "IEMOCAP_LABELS", "check_split_ids", "id_sort_key", "is_hashable", "label_index",
+           "label_names_of", "load_pickle", "ordered_ids", "read_iemocap"]
 
 #: Emotion names in the order of COSMIC's label ints.
 IEMOCAP_LABELS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
@@ -56,6 +56,23 @@ def is_hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def check_split_ids(ids: Mapping[str, list], where: str) -> None:
+    """Check the dialogue ids of a pickle's splits (split -> ids, as
+    :func:`ordered_ids` gives them): each a string or an int (a dict key), and
+    none listed twice, in one split or two. A DataError naming the file, the
+    split and the dialogue otherwise. The id checks of the iemocap and cosmic readers."""
+    seen: dict[Any, str] = {}
+    for split, vids in ids.items():
+        for vid in vids:
+            if not is_hashable(vid):
+                raise DataError(f"{where}: {split} ids: a dialogue id must be a string or an int, got a "
+                                f"{type(vid).__name__}")
+            if vid in seen:
+                lists = f"twice in the {split}" if seen[vid] == split else f"in both the {seen[vid]} and the {split}"
+                raise DataError(f"{where}: dialogue {vid!r}: listed twice ({lists} ids)")
+            seen[vid] = split
 
 
 def id_sort_key(vid: Any) -> tuple:
@@ -138,19 +155,12 @@ def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False,
             raise DataError(f"{path}: {name} (item {_FIELDS.index(name) + 1}) should be a dict from "
                             f"dialogue id to a list, got {type(d).__name__}")
     split_of = {"trainIds": "train", "validIds": "val", "testIds": "test"}
+    ids = {split_of[f]: ordered_ids(obj[_FIELDS.index(f)], f, str(path)) for f in ("trainIds", "validIds", "testIds")}
+    check_split_ids(ids, str(path))
     splits: dict[str, list[RawDialogue]] = {s: [] for s in SPLITS}
-    seen: dict[Any, str] = {}
-    for field_name in ("trainIds", "validIds", "testIds"):
-        split = split_of[field_name]
-        ids = ordered_ids(obj[_FIELDS.index(field_name)], field_name, str(path))
-        for vid in ids:
-            if not is_hashable(vid):
-                raise DataError(f"{path}: {field_name}: a dialogue id must be a string or an int, got a "
-                                f"{type(vid).__name__}")
+    for field_name, split in split_of.items():
+        for vid in ids[split]:
             where = f"{path}: dialogue {vid!r} ({field_name})"
-            if vid in seen:
-                raise DataError(f"{where}: listed twice (also in {seen[vid]})")
-            seen[vid] = field_name
             absent = [n for n, d in zip(_FIELDS[:3], (speakers, labels, sentences)) if vid not in d]
             if absent:
                 raise DataError(f"{where}: missing from {', '.join(absent)}")
@@ -170,7 +180,7 @@ def read_iemocap(data_dir: str | Path, *, unsafe_pickle: bool = False,
                 id=str(vid), texts=[normalize_text(t) for t in sen], speakers=spk, labels=names,
                 meta={"file": str(path)},
             ))
-    if not seen:
+    if not any(ids.values()):
         raise DataError(f"{path}: trainIds, validIds and testIds are all empty")
     if media_dir is not None:
         from .media import iemocap_media

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import CLUE_RELATIONS, MODALITY_NAMES, Dialogue
+from .batch import CLUE_KINDS, CLUE_RELATIONS, MODALITY_NAMES, Dialogue
+from .corpus import Corpus, feature_widths
 from .raw import HOLDOUT, SPLITS, DataError, RawCorpus, RawDialogue
 
-__all__ = ["CLUE_KINDS", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
+__all__ = ["CLUE_CHOICES", "FeatureOptions", "prepare_corpus", "prepare_dialogues"]
 
-CLUE_KINDS = ("auto", "atomic", "comet", "none")
+#: What ``FeatureOptions.clues`` (``--clues``) may say: ``auto`` or a clue kind.
+CLUE_CHOICES = ("auto", *CLUE_KINDS)
 #: The FeatureOptions fields of the media extractors that a checkpoint records.
 MEDIA_SETTINGS = ("audio", "audio_sample_rate", "visual", "visual_weights", "visual_weights_sha256",
                   "visual_frames", "visual_size", "media_extractors")
@@ -100,8 +102,8 @@ class FeatureOptions:
             self.encoder = str(Path(self.encoder).expanduser().resolve())
 
     def validate(self) -> None:
-        if self.clues not in CLUE_KINDS + ("data",):
-            raise ValueError(f"--clues must be one of {', '.join(CLUE_KINDS)}, got {self.clues!r}")
+        if self.clues not in (*CLUE_CHOICES, "data"):
+            raise ValueError(f"--clues must be one of {', '.join(CLUE_CHOICES)}, got {self.clues!r}")
         if self.clues == "atomic" and not self.atomic_dir:
             raise ValueError("--clues atomic needs --atomic-dir (a folder of ATOMIC v4 CSV files)")
         if self.clues == "comet" and not self.comet:
@@ -127,6 +129,11 @@ class FeatureOptions:
                                  f"got {self.visual!r}")
         if self.media_workers < 1:
             raise ValueError(f"--media-workers must be >= 1, got {self.media_workers}")
+
+    def copy(self) -> FeatureOptions:
+        """An independent copy (its own media report and extractor record)."""
+        return dataclasses.replace(self, media_report=list(self.media_report),
+                                   media_extractors=dict(self.media_extractors) if self.media_extractors else None)
 
     def to_dict(self) -> dict:
         """What a checkpoint keeps to rebuild the same features later (no
@@ -208,21 +215,18 @@ def _extract_clues(kind: str, base_encoder, texts: list[str], options: FeatureOp
                    embeddings: np.ndarray | None = None) -> np.ndarray:
     """Clues of ``texts``, cached under the extractor's fingerprint (which
     covers its files, settings and encoder) and the texts."""
-    from ..features import AtomicClues, CometClues, texts_sha256
+    from ..features import clue_extractor, texts_sha256
 
     cache = _cache(options)
-    if kind == "atomic":
-        extractor = AtomicClues(options.atomic_dir, base_encoder, cache=cache, progress=options.progress)
+    extractor = clue_extractor(kind, atomic_dir=options.atomic_dir, encoder=base_encoder, comet_path=options.comet,
+                               cache=cache, device=options.device, progress=options.progress)
+    if extractor is None:
+        raise AssertionError(kind)  # "none" has nothing to extract
 
-        def compute():
-            return extractor(texts, embeddings=embeddings)
-    elif kind == "comet":
-        extractor = CometClues(options.comet, device=options.device, progress=options.progress)
+    def compute():
+        # ATOMIC retrieval may reuse the base encoder's embeddings of the texts
+        return extractor(texts, embeddings=embeddings) if kind == "atomic" else extractor(texts)
 
-        def compute():
-            return extractor(texts)
-    else:
-        raise AssertionError(kind)
     if cache is None:
         return compute()
     return cache.get_or_compute("clues", {"extractor": extractor.fingerprint, "texts": texts_sha256(texts)},
@@ -289,7 +293,17 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
                       *, raw: RawCorpus | None = None, name: str = "data",
                       clue_kind: str | None = None) -> tuple[list[Dialogue], str]:
     """Model-ready dialogues (text features and clues extracted where the raw
-    ones lack them). Returns them and the clue kind used."""
+    ones lack them). Returns them and the clue kind used; ``options`` is not
+    changed (what extraction resolves goes into a copy)."""
+    return _prepare_dialogues(dialogues, label_names, options.copy(), raw=raw, name=name, clue_kind=clue_kind)
+
+
+def _prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], options: FeatureOptions,
+                       *, raw: RawCorpus | None = None, name: str = "data",
+                       clue_kind: str | None = None) -> tuple[list[Dialogue], str]:
+    """:func:`prepare_dialogues`, filling in ``options`` with what it resolves
+    (the fine-tuned encoder's folder, the media extractors and weights, the
+    media report)."""
     options.validate()
     if not dialogues:
         return [], clue_kind or "none"
@@ -352,30 +366,26 @@ def prepare_dialogues(dialogues: list[RawDialogue], label_names: list[str], opti
     return out, kind
 
 
-def prepare_corpus(raw: RawCorpus, options: FeatureOptions):
+def prepare_corpus(raw: RawCorpus, options: FeatureOptions) -> Corpus:
     """A :class:`~cascla_ext.data.Corpus` from a raw one (features extracted
-    and cached as ``options`` say). ``options`` is updated in place with what
-    was resolved (clue kind, fine-tuned encoder folder) so that a checkpoint
-    can record it."""
-    from . import Corpus
+    and cached as ``options`` say). ``options`` is not changed: what was
+    resolved (the clue kind ``auto`` became, the fine-tuned encoder's folder,
+    the media extractors) is in the corpus's ``spec.features``, which a
+    checkpoint records."""
+    from .spec import DataSpec
 
     everything = raw.dialogues()
     if not everything:
         raise DataError(f"{raw.name}: no dialogues in {raw.source or 'the data'}")
-    prepared, kind = prepare_dialogues(everything, raw.label_names, options, raw=raw, name=raw.name)
-    if options.clues == "auto":
-        options.clues = kind
+    resolved = options.copy()
+    prepared, kind = _prepare_dialogues(everything, raw.label_names, resolved, raw=raw, name=raw.name)
+    if resolved.clues == "auto":
+        resolved.clues = kind
     splits, k = {}, 0
     for s in (*SPLITS, HOLDOUT):
         n = len(raw.splits.get(s, []))
         splits[s] = prepared[k:k + n]
         k += n
-    first = prepared[0]
-    dims = {m: x.shape[1] for m, x in first.features.items()}
-    for d in prepared:
-        for m, x in d.features.items():
-            if dims.get(m) != x.shape[1]:
-                raise DataError(f"{raw.name}: dialogue {d.id} has {m} features of width {x.shape[1]}, "
-                                f"others have {dims.get(m)}")
+    dims, clue_dim = feature_widths(prepared, raw.name)
     return Corpus(name=raw.name, splits=splits, label_names=list(raw.label_names), input_dims=dims,
-                  clue_dim=first.clues.shape[2])
+                  clue_dim=clue_dim, spec=DataSpec(dataset=raw.name, features=resolved))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DataError", "HOLDOUT", "RawCorpus", "RawDialogue", "SPLITS", "holdout_indices"]
+__all__ = ["DataError", "HOLDOUT", "RawCorpus", "RawDialogue", "SPLITS", "holdout_indices", "split_holdout"]
 
 SPLITS = ("train", "val", "test")
 #: A selection split carved out of the training dialogues (``with_holdout``).
@@ -29,6 +29,18 @@ def holdout_indices(n_train: int, fraction: float, seed: int, name: str) -> set[
     if n >= n_train:
         raise ValueError(f"dataset {name}: {n_train} training dialogues are too few to hold some out")
     return set(np.random.default_rng(seed).permutation(n_train)[:n].tolist())
+
+
+def split_holdout(splits: dict[str, list], fraction: float, seed: int, name: str) -> dict[str, list]:
+    """``splits`` with a ``holdout`` split of ``fraction`` of the training
+    dialogues (removed from ``train``; :func:`holdout_indices`). What both
+    ``RawCorpus.with_holdout`` and ``Corpus.with_holdout`` do."""
+    train = splits.get("train") or []
+    held = holdout_indices(len(train), fraction, seed, name)
+    out = dict(splits)
+    out["train"] = [d for i, d in enumerate(train) if i not in held]
+    out[HOLDOUT] = [d for i, d in enumerate(train) if i in held]
+    return out
 
 
 class DataError(ValueError):
@@ -77,9 +89,5 @@ class RawCorpus:
         """A copy whose ``holdout`` split is ``fraction`` of the training
         dialogues (removed from ``train``). Done before feature extraction, a
         fine-tuned encoder never sees the hold-out that selects the best epoch."""
-        train = self.splits.get("train") or []
-        held = holdout_indices(len(train), fraction, seed, self.name)
-        splits = dict(self.splits)
-        splits["train"] = [d for i, d in enumerate(train) if i not in held]
-        splits[HOLDOUT] = [d for i, d in enumerate(train) if i in held]
-        return RawCorpus(self.name, self.label_names, splits, self.source)
+        return RawCorpus(self.name, self.label_names, split_holdout(self.splits, fraction, seed, self.name),
+                         self.source)

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batch import CLUE_RELATIONS
+from ..data.batch import CLUE_KINDS, CLUE_RELATIONS
 from .cache import FeatureCache, file_sha256
 from .text import TextEncoder, loading_bars, model_dir_fingerprint, resolve_model_path, texts_sha256
 
 __all__ = ["CLUE_KINDS", "AtomicClues", "CometClues", "clue_extractor", "readable_atomic"]
 
-CLUE_KINDS = ("atomic", "comet", "none")
 REWRITE_VERSION = 1  # bump when readable_atomic changes: it is part of the cache keys
 
 # Placeholder -> (first mention, first mention possessive, later mention, later possessive).
@@ -331,6 +330,7 @@ def clue_extractor(kind: str, *, atomic_dir: str | os.PathLike | None = None, en
                    device: str | torch.device = "cpu", progress: bool = True, **kwargs
                    ) -> AtomicClues | CometClues | None:
     """A clue extractor by kind; "none" gives None (the model then runs without clues).
+    The one dispatch on the kind (``cascla_ext.data.prepare`` extracts with it).
 
     "atomic": ``AtomicClues(atomic_dir, encoder or TextEncoder(device=device), cache=cache, **kwargs)``.
     "comet": ``CometClues(comet_path, device=device, **kwargs)``.

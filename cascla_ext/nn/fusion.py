@@ -22,13 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ._backend import OpBackend
+from ..modalities import MODALITIES, canonical_modality
 
 __all__ = ["TensorRingFusion", "MODALITIES"]
 
-# Canonical names in ring order, and the long names accepted for them.
-MODALITIES = ("t", "a", "v")
-_ALIASES = {"t": "t", "text": "t", "a": "a", "audio": "a", "v": "v", "visual": "v"}
-_BACKENDS = {"fused": ops.tr_attention, "reference": reference.tr_attention}
 
 
 def _positive_int(owner: str, name: str, value) -> int:
@@ -50,7 +48,7 @@ class _Branch(nn.Module):
         self.out = nn.Linear(d, out_dim, bias=False, **factory)
 
 
-class TensorRingFusion(nn.Module):
+class TensorRingFusion(OpBackend, nn.Module):
     """Modality-balancing fusion with tensor-ring contraction attention (Eqs. 2-6).
 
     Args:
@@ -76,6 +74,8 @@ class TensorRingFusion(nn.Module):
     to the context GRU).
     """
 
+    _OPS = {"fused": ops.tr_attention, "reference": reference.tr_attention}
+
     def __init__(
         self,
         dims: Mapping[str, int],
@@ -95,7 +95,7 @@ class TensorRingFusion(nn.Module):
             raise ValueError(f"{owner}: dims must be a non-empty mapping modality -> width, got {dims!r}")
         canon: dict[str, str] = {}  # canonical -> name as given
         for name in dims:
-            key = _ALIASES.get(name)
+            key = canonical_modality(name)
             if key is None:
                 raise ValueError(
                     f"{owner}: unknown modality {name!r} in dims; expected some of "
@@ -130,17 +130,7 @@ class TensorRingFusion(nn.Module):
         self.branches = nn.ModuleDict()
         for m, name in enumerate(self.names):
             s, w = self.ranks[name], self.ranks[self.names[(m + 1) % n]]
-            self.branches[_ALIASES[name]] = _Branch(self.dims[name], s, w, self.out_dim, bias, factory)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in _BACKENDS:
-            raise ValueError(f"TensorRingFusion: backend must be one of {sorted(_BACKENDS)}, got {value!r}")
-        self._backend = value
+            self.branches[canonical_modality(name)] = _Branch(self.dims[name], s, w, self.out_dim, bias, factory)
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -153,7 +143,7 @@ class TensorRingFusion(nn.Module):
         return s
 
     def _branch(self, name: str) -> _Branch:
-        key = _ALIASES.get(name)
+        key = canonical_modality(name)
         if key is None or key not in self.branches:
             raise KeyError(f"TensorRingFusion: no modality {name!r}; configured: {self.names}")
         return self.branches[key]  # type: ignore[return-value]
@@ -191,7 +181,7 @@ class TensorRingFusion(nn.Module):
         q2 = [br.q2(c) for br, c in zip(branches, cs)]
         k1 = [br.k1(c) for br, c in zip(branches, cs)]
         k2 = [br.k2(c) for br, c in zip(branches, cs)]
-        outs = _BACKENDS[self.backend](q1, q2, k1, k2, real, self.scale)
+        outs = self.op(q1, q2, k1, k2, real, self.scale)
 
         keep = real.unsqueeze(-1).to(ref.dtype)
         xs: dict[str, Tensor] = {}

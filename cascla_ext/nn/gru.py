@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops, reference
+from ._backend import OpBackend
 
 __all__ = ["PerturbedGRU"]
 
-_BACKENDS = {"fused": ops.perturbed_gru, "reference": reference.perturbed_gru}
 
 
-class PerturbedGRU(nn.Module):
+class PerturbedGRU(OpBackend, nn.Module):
     """Multi-layer (bi)directional GRU with perturbations inside the gates.
 
     Arguments as ``torch.nn.GRU``. ``forward(input, hx=None, *, lengths=None,
@@ -46,6 +46,8 @@ class PerturbedGRU(nn.Module):
     ``backend`` selects ``"fused"`` (the C++/CUDA op, default) or
     ``"reference"`` (pure PyTorch, for debugging).
     """
+
+    _OPS = {"fused": ops.perturbed_gru, "reference": reference.perturbed_gru}
 
     def __init__(
         self,
@@ -97,16 +99,6 @@ class PerturbedGRU(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in _BACKENDS:
-            raise ValueError(f"PerturbedGRU: backend must be one of {sorted(_BACKENDS)}, got {value!r}")
-        self._backend = value
 
     def reset_parameters(self) -> None:
         """``nn.GRU``'s initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
@@ -212,7 +204,7 @@ class PerturbedGRU(nn.Module):
                 )
 
         rhos = self._perturbations(perturbation, unbatched, batch_first, T, B)
-        run = _BACKENDS[self.backend]
+        run = self.op
         layer_in, h_n = x, []
         for layer in range(L):
             outs = []

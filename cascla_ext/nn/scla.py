@@ -16,16 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ._backend import OpBackend
 
 __all__ = ["NORMALIZATIONS", "SCLALoss", "balanced_scale"]
 
 #: Readings of Eq. 18's scale: the paper's as written, or normalised (see SCLALoss).
 NORMALIZATIONS = ("literal", "balanced")
 
-_BACKENDS = {"fused": ops.scla_loss, "reference": reference.scla_loss}
 
 
-class SCLALoss(nn.Module):
+class SCLALoss(OpBackend, nn.Module):
     """Supervised contrastive loss between features and learned label embeddings.
 
     Args:
@@ -69,6 +69,8 @@ class SCLALoss(nn.Module):
     dropout and detached, for analysis.
     """
 
+    _OPS = {"fused": ops.scla_loss, "reference": reference.scla_loss}
+
     def __init__(
         self,
         num_classes: int,
@@ -101,14 +103,13 @@ class SCLALoss(nn.Module):
             raise ValueError(f"SCLALoss: expected reduction 'none', 'sum' or 'mean', got {reduction!r}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"SCLALoss: expected normalization 'literal' or 'balanced', got {normalization!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"SCLALoss: expected backend 'fused' or 'reference', got {backend!r}")
+        self.backend = backend
         if scope not in ("local", "global"):
             raise ValueError(f"SCLALoss: expected scope 'local' or 'global', got {scope!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes, self.dim, self.embedding_dim = num_classes, dim, embedding_dim
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
-        self.reduction, self.backend, self.normalization = reduction, backend, normalization
+        self.reduction, self.normalization = reduction, normalization
         self.scope = scope
         self.group = None  # the process group of the global scope (None: the default one)
         self.embedding = nn.Embedding(num_classes, embedding_dim, **factory)  # Emb (Eq. 11)
@@ -157,7 +158,7 @@ class SCLALoss(nn.Module):
                 loss = loss * balanced_scale_global(y, self.num_classes, self.gamma, views, group=self.group,
                                                     dtype=loss.dtype)
             return loss
-        loss = _BACKENDS[self.backend](f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
+        loss = self.op(f, f_aug, z, y, self.alpha, self.beta, self.gamma, self.reduction)
         if self.normalization == "balanced":
             loss = loss * balanced_scale(y, self.num_classes, self.gamma, views, f.dtype)
         return loss
