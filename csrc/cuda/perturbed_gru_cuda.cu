@@ -55,7 +55,7 @@ dim3 step_block() {
 // state goes to h_out (ping-pong buffers).
 template <typename scalar_t, int BT>
 __global__ void __launch_bounds__(Tile<scalar_t, BT>::kThreads)
-forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
+forward_step_kernel(int T, int B, int H, int t, const scalar_t* __restrict__ gi,
                     const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ b_ih,
                     const scalar_t* __restrict__ b_hh, const scalar_t* __restrict__ rho,
                     const int64_t* __restrict__ len, const scalar_t* __restrict__ h_in,
@@ -116,6 +116,8 @@ forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
   const int64_t H3 = 3 * static_cast<int64_t>(H);
   scalar_t* sv = saved + tb_idx * 4 * H;
   const scalar_t h = h_in[static_cast<int64_t>(b) * H + j];
+  // Lengths on the device are checked here, not read back to the host (a sync).
+  if (len) CUDA_KERNEL_ASSERT(len[b] >= 0 && len[b] <= T);
   if (len && t >= len[b]) {  // padding: state unchanged, outputs 0
     h_out[static_cast<int64_t>(b) * H + j] = h;
     y[tb_idx * H + j] = 0;
@@ -201,7 +203,11 @@ backward_step_kernel(int T, int B, int H, int t, bool reverse,
   const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
   scalar_t* dgi_b = dgi + tb_idx * H3;
   scalar_t* dgh_b = dgh + tb_idx * H3;
-  const int64_t L = len ? len[b] : T;
+  int64_t L = len ? len[b] : T;
+  if (len) {  // checked on the device (no host sync); never read out of bounds
+    CUDA_KERNEL_ASSERT(L >= 0 && L <= T);
+    L = L < 0 ? 0 : (L > T ? T : L);
+  }
   if (t >= L) {  // padding: the gradient passes through unchanged
     dh[bj] += acc;
     dgi_b[j] = dgi_b[H + j] = dgi_b[2 * H + j] = 0;
@@ -237,7 +243,7 @@ void forward_recurrence(GruForwardState& s) {
   for (int step = 0; step < T; ++step) {
     const int t = s.reverse ? T - 1 - step : step;
     forward_step_kernel<scalar_t, BT><<<grid, block, 0, stream>>>(
-        B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
+        T, B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
         s.b_ih.data_ptr<scalar_t>(), s.b_hh.data_ptr<scalar_t>(), rho, len, bufs[step % 2],
         bufs[(step + 1) % 2], s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
