@@ -3,13 +3,14 @@
 # H100/H200: build the package against that machine's torch
 # (pip install --no-build-isolation --no-deps .), run the GPU tests (the
 # sync-free and CUDA-graph claims, autocast, and every CUDA-marked test of
-# the ops, modules and model), the whole benchmark suite (CUDA group, then CPU
-# group, each under a time cap), and a torch.profiler look at the fused ops;
+# the ops, modules and model, the opt-in persistent GRU), the whole benchmark
+# suite (CUDA group, then CPU group, each under a time cap), and a
+# torch.profiler look at the fused ops;
 # everything goes under $OUT (logs, JSON, profiler tables and trace).
 #   tools/gpu_check.sh
 # Caps in seconds (environment): GPU_CHECK_BUDGET (whole script, default 540),
-# TEST_CAP (default 150), BENCH_CUDA_CAP (default 150), BENCH_CPU_CAP (default
-# 60), PROFILE_CAP (default 45); BENCH_OPTS passes options to pytest-benchmark
+# TEST_CAP (default 140), BENCH_CUDA_CAP (120), PROFILE_CAP (35),
+# BENCH_PERSISTENT_CAP (25), BENCH_CPU_CAP (40); BENCH_OPTS passes options to pytest-benchmark
 # (default --benchmark-max-time=0.25 --benchmark-min-rounds=3). A stage gets at
 # most what is left of the budget; a capped pytest run is stopped with SIGINT,
 # so pytest-benchmark still writes the JSON of what ran.
@@ -41,32 +42,33 @@ so=$("$py" -c 'import cascla_ext; print(cascla_ext.build_info()["library"])')
 echo "NEEDED: $(readelf -d "$so" | grep NEEDED | grep -o '\[.*\]' | tr '\n' ' ')"
 cd - >/dev/null
 
-# Tests: the GPU-only claims first (whole files), then the CUDA-marked tests of
-# the ops, modules and model. One pytest run per file (a crash in one must not
-# hide the others), each within what is left of TEST_CAP.
+# Tests, each run within what is left of TEST_CAP: the GPU-only claims
+# (test_cuda_sync: CUDA graph capture, sync debug mode) on their own; then the
+# CUDA-marked tests of autocast, the ops, modules and model in one run; last
+# the opt-in persistent GRU forward on its own (a cooperative launch that
+# misbehaved must not take the other results with it).
 start=$(date +%s); rc=0
-test_end=$(( start + $(cap "${TEST_CAP:-150}") ))
-run_tests() {  # file, then pytest options
-  local f=$1 name; shift
-  name=$(basename "$f" .py)
+test_end=$(( start + $(cap "${TEST_CAP:-140}") ))
+run_tests() {  # log name, then pytest arguments
+  local name=$1; shift
   local t=$(( test_end - $(date +%s) ))
   if [ "$t" -le 5 ]; then echo "$name: not run (TEST_CAP reached)"; rc=1; return; fi
-  timeout -s INT -k 10 "$t" "$py" -X faulthandler -m pytest "$f" -q -rs -p no:cacheprovider --tb=short "$@" \
+  timeout -s INT -k 10 "$t" "$py" -X faulthandler -m pytest "$@" -q -rs -p no:cacheprovider --tb=short \
     >"$OUT/$name.log" 2>&1
   local frc=$?; [ $frc -ne 0 ] && rc=$frc
   echo "$name: rc=$frc $(tail -1 "$OUT/$name.log")"
   [ $frc -ne 0 ] && grep -E "^FAILED|^ERROR|Error|Fatal|assert" "$OUT/$name.log" | head -12
 }
-run_tests tests/test_cuda_sync.py
-run_tests tests/test_autocast.py -m cuda
-for f in tests/test_scla_loss.py tests/test_tr_attention.py tests/test_perturbed_gru.py \
-         tests/test_scla_module.py tests/test_fusion.py tests/test_gru_module.py tests/test_model.py; do
-  run_tests "$f" -m cuda
-done
+run_tests test_cuda_sync tests/test_cuda_sync.py
+run_tests tests_cuda -m cuda -k "not persistent" tests/test_autocast.py tests/test_scla_loss.py \
+  tests/test_tr_attention.py tests/test_perturbed_gru.py tests/test_scla_module.py tests/test_fusion.py \
+  tests/test_gru_module.py tests/test_model.py
+run_tests test_gru_persistent -m cuda -k persistent tests/test_perturbed_gru.py
 echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 
-# Benchmarks: the whole suite, the CUDA group then the CPU group (the op files
-# first, so that a cap cuts the slow whole-run benchmarks, not the ops).
+# Benchmarks: the whole suite under caps. The CUDA group first (without the
+# persistent GRU), then the profiler look, the persistent GRU, the CPU group
+# (the op files first, so that a cap cuts the slow whole-run benchmarks).
 bench_files="benchmarks/test_perturbed_gru.py benchmarks/test_tr_attention.py benchmarks/test_scla_loss.py
              benchmarks/test_train_step.py benchmarks/test_ddp_epoch.py benchmarks/test_loaded_machine.py"
 bench() {  # group name, -k expression, cap
@@ -80,13 +82,15 @@ bench() {  # group name, -k expression, cap
   echo "benchmarks $group: rc=$? (cap $t s), $(( $(date +%s) - s )) s"
   grep -E "^test_|^Name|benchmark '" "$OUT/bench_$group.log" | cut -c1-150
 }
-bench cuda "cuda" "${BENCH_CUDA_CAP:-150}"
-bench cpu "not cuda" "${BENCH_CPU_CAP:-60}"  # ddp_epoch and loaded_machine have no device in their names
+bench cuda "cuda and not persistent" "${BENCH_CUDA_CAP:-120}"
 
 # A short profiler look at the fused ops (the slowest fused kernel's table and trace).
 s=$(date +%s)
-timeout -s INT -k 10 "$(cap "${PROFILE_CAP:-45}")" "$py" tools/profile_ops.py "$OUT" --device cuda \
+timeout -s INT -k 10 "$(cap "${PROFILE_CAP:-35}")" "$py" tools/profile_ops.py "$OUT" --device cuda \
   >"$OUT/profile.log" 2>&1
 echo "profile: rc=$?, $(( $(date +%s) - s )) s"; tail -8 "$OUT/profile.log"
+
+bench cuda_persistent "persistent" "${BENCH_PERSISTENT_CAP:-25}"
+bench cpu "not cuda" "${BENCH_CPU_CAP:-40}"  # ddp_epoch and loaded_machine have no device in their names
 echo "total: $(( $(date +%s) - t_start )) s"
 exit $rc
