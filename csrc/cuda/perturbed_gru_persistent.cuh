@@ -18,19 +18,30 @@
 // it where it fits (W_hh slice + h in shared memory, every block co-resident;
 // otherwise the per-step kernels run), "require" raises where it does not fit
 // (for tests). Default: off.
+//
+// tools/emulate_cuda_perturbed_gru.py runs the kernel on the CPU (every
+// thread of every block a std::thread, the grid barrier a std::barrier); it
+// defines CASCLA_CUDA_EMULATION, which leaves out the host launcher below.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
-#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
+#ifndef CASCLA_CUDA_EMULATION
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
+#endif
+
 #include "perturbed_gru.h"
 #include "perturbed_gru_math.h"
+
+#ifndef CASCLA_GRU_DYNAMIC_SMEM  // the emulator gives each block its own buffer
+#define CASCLA_GRU_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 namespace cascla {
 namespace gru_cuda {
@@ -76,6 +87,15 @@ __device__ C10_ALWAYS_INLINE void forward_gates(
 
 constexpr int kPersistentThreads = 256;
 
+// About one block per SM: J hidden units per block, the fewest that cover H.
+struct PersistentLayout {
+  int J, blocks;
+};
+inline PersistentLayout persistent_layout(int H, int sms) {
+  const int J = std::max(1, (H + sms - 1) / sms);
+  return {J, (H + J - 1) / J};
+}
+
 template <typename scalar_t>
 struct PersistentArgs {
   int T, B, H, J;  // J hidden units per block
@@ -91,6 +111,35 @@ struct PersistentArgs {
   scalar_t* saved;
 };
 
+// The kernel's arguments for the forward state s (J units per block;
+// h0_buf holds h0, other_buf is the second ping-pong buffer) and its dynamic
+// shared memory: W_hh's rows of the block's units and the state.
+template <typename scalar_t>
+PersistentArgs<scalar_t> persistent_args(GruForwardState& s, int J, scalar_t* h0_buf,
+                                         scalar_t* other_buf) {
+  PersistentArgs<scalar_t> p{};
+  p.T = static_cast<int>(s.y.size(0));
+  p.B = static_cast<int>(s.y.size(1));
+  p.H = static_cast<int>(s.y.size(2));
+  p.J = J;
+  p.reverse = s.reverse;
+  p.gi = s.gi.data_ptr<scalar_t>();
+  p.w_hh = s.w_hh.data_ptr<scalar_t>();
+  p.b_ih = s.b_ih.data_ptr<scalar_t>();
+  p.b_hh = s.b_hh.data_ptr<scalar_t>();
+  p.rho = s.rho.defined() ? s.rho.data_ptr<scalar_t>() : nullptr;
+  p.len = s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr;
+  p.bufs[0] = h0_buf;
+  p.bufs[1] = other_buf;
+  p.y = s.y.data_ptr<scalar_t>();
+  p.saved = s.saved.data_ptr<scalar_t>();
+  return p;
+}
+template <typename scalar_t>
+size_t persistent_smem_bytes(int J, int B, int H) {
+  return sizeof(scalar_t) * (3 * static_cast<size_t>(J) * H + static_cast<size_t>(B) * H);
+}
+
 template <typename T>
 __device__ C10_ALWAYS_INLINE T warp_sum(T v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -100,7 +149,7 @@ __device__ C10_ALWAYS_INLINE T warp_sum(T v) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kPersistentThreads)
 persistent_forward_kernel(const __grid_constant__ PersistentArgs<scalar_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CASCLA_GRU_DYNAMIC_SMEM(smem_raw);
   scalar_t* sw = reinterpret_cast<scalar_t*>(smem_raw);  // (3 J, H): gate g, unit rj at row g J + rj
   scalar_t* sh = sw + 3 * static_cast<int64_t>(p.J) * p.H;  // (B, H): the state of the step
   const int H = p.H, B = p.B, J = p.J;
@@ -145,6 +194,7 @@ persistent_forward_kernel(const __grid_constant__ PersistentArgs<scalar_t> p) {
   }
 }
 
+#ifndef CASCLA_CUDA_EMULATION
 // "1": use the persistent forward where it fits; "require": raise where it
 // does not; anything else (or unset): the per-step kernels.
 inline int persistent_mode() {
@@ -160,14 +210,11 @@ template <typename scalar_t>
 bool persistent_forward(GruForwardState& s, scalar_t* h0_buf, scalar_t* other_buf) {
   const int mode = persistent_mode();
   if (mode == 0) return false;
-  const int T = static_cast<int>(s.y.size(0)), B = static_cast<int>(s.y.size(1)),
-            H = static_cast<int>(s.y.size(2));
+  const int B = static_cast<int>(s.y.size(1)), H = static_cast<int>(s.y.size(2));
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const auto [J, blocks] = persistent_layout(H, prop->multiProcessorCount);
   const int sms = prop->multiProcessorCount;
-  // About one block per SM: J units per block, the fewest that cover H.
-  const int J = std::max(1, (H + sms - 1) / sms);
-  const int blocks = (H + J - 1) / J;
-  const size_t smem = sizeof(scalar_t) * (3 * static_cast<size_t>(J) * H + static_cast<size_t>(B) * H);
+  const size_t smem = persistent_smem_bytes<scalar_t>(J, B, H);
   const auto kernel = persistent_forward_kernel<scalar_t>;
   bool fits = prop->cooperativeLaunch && smem <= prop->sharedMemPerBlockOptin;
   if (fits) {
@@ -182,28 +229,14 @@ bool persistent_forward(GruForwardState& s, scalar_t* h0_buf, scalar_t* other_bu
               "forward does not fit this device (B = ", B, ", H = ", H, ", ", smem,
               " bytes of shared memory per block, ", blocks, " co-resident blocks needed)");
   if (!fits) return false;
-  PersistentArgs<scalar_t> p{};
-  p.T = T;
-  p.B = B;
-  p.H = H;
-  p.J = J;
-  p.reverse = s.reverse;
-  p.gi = s.gi.data_ptr<scalar_t>();
-  p.w_hh = s.w_hh.data_ptr<scalar_t>();
-  p.b_ih = s.b_ih.data_ptr<scalar_t>();
-  p.b_hh = s.b_hh.data_ptr<scalar_t>();
-  p.rho = s.rho.defined() ? s.rho.data_ptr<scalar_t>() : nullptr;
-  p.len = s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr;
-  p.bufs[0] = h0_buf;
-  p.bufs[1] = other_buf;
-  p.y = s.y.data_ptr<scalar_t>();
-  p.saved = s.saved.data_ptr<scalar_t>();
+  PersistentArgs<scalar_t> p = persistent_args<scalar_t>(s, J, h0_buf, other_buf);
   void* args[] = {&p};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
                                              dim3(kPersistentThreads), args, smem,
                                              at::cuda::getCurrentCUDAStream()));
   return true;
 }
+#endif  // CASCLA_CUDA_EMULATION
 
 }  // namespace gru_cuda
 }  // namespace cascla
