@@ -7,6 +7,10 @@ reference runs get a random rho in every gate, as in adversarial training.
 ``fwd_bwd`` backpropagates a loss of the outputs and the final states to the
 input and the weights.
 
+``fused_persistent`` (CUDA only): the fused op with the opt-in persistent
+forward (``CASCLA_GRU_PERSISTENT``, one cooperative launch per direction;
+compiled, not yet run on a GPU); the backward is the per-step one.
+
 Group ``perturbed_gru_sweep``: fwd_bwd at B=16 for T = 8 ... 128 (how the
 cost grows with the sequence length; the recurrence is sequential in T).
 """
@@ -67,3 +71,14 @@ def test_perturbed_gru_sweep(benchmark, device, T, impl):
     run_benchmark(benchmark, make_step(device, T, B, mode, impl), group="perturbed_gru_sweep",
                   op="perturbed_gru", device=device, impl=impl, shape=f"T{T}_B{B}", mode=mode,
                   sweep=("T", T), T=T, B=B, D=D, H=H, bidirectional=True)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_perturbed_gru_persistent(benchmark, monkeypatch, device, shape, mode):
+    monkeypatch.setenv("CASCLA_GRU_PERSISTENT", "require")  # raises rather than fall back
+    T, B = SHAPES[shape]
+    run_benchmark(benchmark, make_step(device, T, B, mode, "fused"), group="perturbed_gru",
+                  device=device, impl="fused_persistent", shape=shape, mode=mode, T=T, B=B, D=D, H=H,
+                  bidirectional=True)

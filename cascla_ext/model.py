@@ -182,8 +182,8 @@ class CaSCLA(nn.Module):
             return self.head(h)
         return self.interaction.apply_prepared(h, prepared)
 
-    def _ce(self, f: Tensor, labels: Tensor, valid: Tensor, counts: Tensor | None = None) -> Tensor:
-        return self.classifier_loss(self.classifier(f)[valid], labels[valid], counts)
+    def _ce(self, f: Tensor, labels: Tensor, pick, counts: Tensor | None = None) -> Tensor:
+        return self.classifier_loss(pick(self.classifier(f)), pick(labels), counts)
 
     def classifier_loss(self, logits: Tensor, labels: Tensor, global_counts: Tensor | None = None) -> Tensor:
         """The loss of the classifier on (N, K) logits (``config.classifier_loss``).
@@ -275,8 +275,20 @@ class CaSCLA(nn.Module):
         if labels is None:
             return out
 
-        valid = mask & (labels >= 0)
-        n_local = n_valid = int(valid.sum())
+        index = batch.valid_index
+        if index is not None and index.device == mask.device:
+            # The labelled utterances by index (Batch.to): M known on the host,
+            # no host sync on a GPU; the same rows in the same order as valid.
+            n_local = n_valid = index.numel()
+
+            def pick(t: Tensor) -> Tensor:
+                return t.flatten(0, 1).index_select(0, index)
+        else:
+            valid = mask & (labels >= 0)
+            n_local = n_valid = int(valid.sum())  # a host sync on a GPU
+
+            def pick(t: Tensor) -> Tensor:
+                return t[valid]
         # Distributed: the global labelled utterances per class (label_counts).
         spread = training_losses and label_counts is not None
         counts = label_counts if spread else None
@@ -286,7 +298,7 @@ class CaSCLA(nn.Module):
             # Nothing to learn from (e.g. a partly labelled file): no loss term
             # is defined. loss stays None; the training loop counts the step.
             return out
-        ce = self.classifier_loss(logits[valid], labels[valid], counts)
+        ce = self.classifier_loss(pick(logits), pick(labels), counts)
         out.losses["ce"] = ce
         views = []
         if use_ast:
@@ -302,7 +314,7 @@ class CaSCLA(nn.Module):
                 rho_adv.append((cfg.epsilon * g / norm).detach())
             out.perturbation = rho_adv
             f_adv = self._context_to_features(x, batch, rho_adv, prepared)
-            out.losses["ce_adv"] = self._ce(f_adv, labels, valid, counts)
+            out.losses["ce_adv"] = self._ce(f_adv, labels, pick, counts)
             views.append(f_adv)
         # The SCLA loss contrasts samples with each other: it needs M >= 2
         # (MELD has one-utterance dialogues, so a batch of one has M = 1). With
@@ -314,8 +326,8 @@ class CaSCLA(nn.Module):
             if cfg.use_text_augmentation and training_losses:
                 x_text = self.fusion.project("t", xs["t"]) * self.fusion_gain
                 views.insert(0, self._context_to_features(x_text, batch, None, prepared))
-            f_aug = torch.stack([v[valid] for v in views]) if views else None
-            out.losses[cfg.contrastive] = self.scla(f[valid], labels[valid], f_aug)
+            f_aug = torch.stack([pick(v) for v in views]) if views else None
+            out.losses[cfg.contrastive] = self.scla(pick(f), pick(labels), f_aug)
         weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
         if spread and self.distributed_scope == "global" and cfg.use_scla and cfg.contrastive not in out.losses:

@@ -55,7 +55,11 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
 }
 
 // Integer lengths on the CPU or on `device`, each in [0, max_len]; returned as
-// contiguous int64 on `device`. Lengths on a GPU are read back once (a sync).
+// contiguous int64 on `device`. Host lengths are checked here and copied to
+// the device without blocking (a pageable source is staged by the driver
+// before the copy returns, so the temporary may go). Lengths already on a GPU
+// are not read back (that would be a host sync): the CUDA kernels check each
+// with a device-side assert (CUDA_KERNEL_ASSERT).
 inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int64_t batch,
                                   int64_t max_len, at::Device device) {
   TORCH_CHECK_TYPE(!at::isFloatingType(lengths.scalar_type()) &&
@@ -66,12 +70,15 @@ inline at::Tensor checked_lengths(const char* op, const at::Tensor& lengths, int
   TORCH_CHECK_VALUE(lengths.device().is_cpu() || lengths.device() == device, op,
                     ": expected lengths on the CPU or on ", device, ", got ", lengths.device());
   check_shape(op, "lengths", lengths, {batch}, "(B,)");
-  const at::Tensor host = lengths.to(at::kCPU, at::kLong).contiguous();
+  if (!lengths.device().is_cpu()) return lengths.to(at::kLong).contiguous();
+  const at::Tensor host = lengths.to(at::kLong).contiguous();
   const int64_t* v = host.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK_VALUE(v[b] >= 0 && v[b] <= max_len, op, ": expected every lengths[b] in [0, T] = [0, ",
                       max_len, "], got lengths[", b, "] = ", v[b]);
-  return host.to(device);
+  if (device.is_cpu()) return host;
+  // Pinned memory would be read asynchronously, after the caller may change it.
+  return host.to(device, /*non_blocking=*/!host.is_pinned());
 }
 
 // Integer class labels of shape (n,) on `device`, returned as contiguous

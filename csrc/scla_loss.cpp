@@ -106,7 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scla_loss_forward(
   const Reduction red = parse_reduction(kOp, reduction);
   check_params(kOp, alpha, beta, gamma);
   const at::Tensor labels = label_tensor(kOp, "y", y, M, "(M,) with M = f.size(0)", f.device());
-  check_label_values(kOp, "y", labels, K);  // on a GPU, the op's one sync
+  // Host labels are checked here (a clear ValueError). A GPU's are not read
+  // back (that would be a host sync): every CUDA kernel that reads a label
+  // checks it with a device-side assert (CUDA_KERNEL_ASSERT, as ATen's
+  // nll_loss does), so a bad label there fails the next synchronising call
+  // with "device-side assert triggered" and leaves the CUDA context unusable.
+  if (labels.is_cpu()) check_label_values(kOp, "y", labels, K);
   c10::DeviceGuard guard(f.device());
 
   const at::Tensor fc = f.contiguous();
@@ -153,9 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scla_loss_backward(
   TORCH_CHECK_VALUE(class_sums.device() == f.device(), kBwd, ": expected class_sums on ",
                     f.device(), ", got ", class_sums.device());
   const at::Tensor labels = label_tensor(kBwd, "y", y, M, "(M,) with M = f.size(0)", f.device());
-  // The forward checked the labels' values; a GPU's are not read back a second
-  // time (a sync). Host labels cost nothing to check again, so a direct call
-  // with bad labels still raises there.
+  // As in the forward: host labels are checked here (a direct call with bad
+  // labels raises), a GPU's by device-side asserts in the kernels (no sync).
   if (labels.is_cpu()) check_label_values(kBwd, "y", labels, K);
   c10::DeviceGuard guard(f.device());
 

@@ -331,3 +331,34 @@ def test_cuda_runs_on_current_stream():
     stream.synchronize()
     assert_close(y, expected)
     assert_close(h, expected_h)
+
+
+# The opt-in persistent forward (CASCLA_GRU_PERSISTENT, csrc/cuda/perturbed_gru_persistent.cuh):
+# "require" makes the op raise where the kernel does not fit, so these runs
+# cannot pass on the per-step kernels by a silent fallback. The backward (the
+# per-step kernels) reads what the persistent forward saved.
+@pytest.mark.parametrize(
+    "T,B,D,H,dtype,lengths",
+    [(5, 4, 3, 6, torch.float64, [5, 0, 1, 3]),
+     (9, 7, 11, 13, torch.float32, [9, 3, 0, 1, 9, 8, 2]),
+     (24, 32, 600, 300, torch.float32, [24 - (b % 24) for b in range(32)]),  # MELD shape
+     (31, 3, 5, 257, torch.float32, None)],  # odd sizes, H beyond one block per SM on most GPUs
+    ids=["f64", "f32_odd", "meld", "wide"])
+@requires_cuda
+@pytest.mark.cuda
+def test_persistent_forward_matches_reference(monkeypatch, T, B, D, H, dtype, lengths):
+    scale = 0.5 if H < 100 else 0.05
+    args, lens = make_args(T, B, D, H, device="cuda", dtype=dtype, lengths=lengths, scale=scale)
+    monkeypatch.setenv("CASCLA_GRU_PERSISTENT", "require")
+    for reverse in (False, True):
+        y, h, grads = run(ops.perturbed_gru, args, lens, reverse)
+        y_ref, h_ref, grads_ref = run(reference.perturbed_gru, args, lens, reverse)
+        tol = {} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-3}
+        assert_close(y, y_ref, dtype, msg="y", **tol)
+        assert_close(h, h_ref, dtype, msg="h_n", **tol)
+        for name in GRAD_NAMES:
+            assert_close(grads[name], grads_ref[name], dtype, msg=f"grad {name}", **tol)
+    monkeypatch.delenv("CASCLA_GRU_PERSISTENT")
+    y_step, h_step, _ = run(ops.perturbed_gru, args, lens, True)  # the per-step kernels
+    assert_close(y, y_step, dtype, msg="persistent vs per-step y", **tol)
+    assert_close(h, h_step, dtype, msg="persistent vs per-step h_n", **tol)

@@ -155,6 +155,9 @@ def test_bad_arguments_raise(kwargs, pattern):
 
 
 def test_label_out_of_range_raises(device):
+    if device == "cuda":
+        pytest.skip("on CUDA a bad label fails a device-side assert (no host check, no sync), which "
+                    "ends the process's CUDA context: test_cuda_sync.py checks it in a subprocess")
     mod = SCLALoss(K, D).to(device)
     f, f_aug, y = batch(device=device)
     y = y.clone()

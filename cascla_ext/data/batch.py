@@ -58,6 +58,15 @@ class Batch:
     features: modality -> (B, T, d_m); speakers (B, T) (-1 at padding); mask (B, T)
     bool, True on real utterances; clues (B, T, 6, d_c) or None; labels (B, T)
     (-1 at padding and where unknown) or None; lengths (B,) on the CPU.
+
+    valid_index (M,) int64 or None: the flat indices (into B * T, row-major)
+    of the labelled real utterances (mask & labels >= 0), which :meth:`to`
+    derives from CPU labels before moving them. With it the model selects
+    those utterances with ``index_select`` and knows M on the host, so a
+    training step on a GPU reads nothing back (boolean indexing and
+    ``int(valid.sum())`` would be host syncs). None: the model derives the
+    selection itself. Whoever changes ``labels`` or ``mask`` of a batch that
+    has one must drop it (``dataclasses.replace(batch, valid_index=None)``).
     """
 
     features: dict[str, Tensor]
@@ -67,10 +76,16 @@ class Batch:
     clues: Tensor | None = None
     labels: Tensor | None = None
     ids: list[str] = field(default_factory=list)
+    valid_index: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        index = self.valid_index
+        if index is None and self.labels is not None and self.labels.device.type == "cpu" \
+                and self.mask.device.type == "cpu":
+            index = (self.mask & (self.labels >= 0)).flatten().nonzero().squeeze(1)
         return replace(
             self,
+            valid_index=None if index is None else index.to(device),
             features={m: x.to(device) for m, x in self.features.items()},
             speakers=self.speakers.to(device),
             mask=self.mask.to(device),

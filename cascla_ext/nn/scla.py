@@ -174,6 +174,8 @@ def balanced_scale(y: Tensor, num_classes: int, gamma: float, num_views: int, dt
     18's loss into the balanced reading (``SCLALoss(normalization="balanced")``).
     A 0-d tensor on y's device, computed without a host round trip."""
     M = y.numel()
-    counts = torch.bincount(y, minlength=num_classes).to(dtype)
+    # Counted by comparison, not torch.bincount: on CUDA bincount reads y's
+    # min and max back to size its output (a host sync). (M, K) booleans are small.
+    counts = (y.unsqueeze(1) == torch.arange(num_classes, device=y.device)).sum(0).to(dtype)
     weights = (M / counts[y]) ** gamma
     return 1.0 / (weights.mean() * (1 + num_views))

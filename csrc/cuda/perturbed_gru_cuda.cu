@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/perturbed_gru_persistent.cuh"
 #include "kernel_table.h"
 #include "perturbed_gru.h"
 #include "perturbed_gru_math.h"
@@ -55,7 +56,7 @@ dim3 step_block() {
 // state goes to h_out (ping-pong buffers).
 template <typename scalar_t, int BT>
 __global__ void __launch_bounds__(Tile<scalar_t, BT>::kThreads)
-forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
+forward_step_kernel(int T, int B, int H, int t, const scalar_t* __restrict__ gi,
                     const scalar_t* __restrict__ w_hh, const scalar_t* __restrict__ b_ih,
                     const scalar_t* __restrict__ b_hh, const scalar_t* __restrict__ rho,
                     const int64_t* __restrict__ len, const scalar_t* __restrict__ h_in,
@@ -112,31 +113,8 @@ forward_step_kernel(int B, int H, int t, const scalar_t* __restrict__ gi,
     acc_z += red[s][1][tj][tb];
     acc_n += red[s][2][tj][tb];
   }
-  const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
-  const int64_t H3 = 3 * static_cast<int64_t>(H);
-  scalar_t* sv = saved + tb_idx * 4 * H;
-  const scalar_t h = h_in[static_cast<int64_t>(b) * H + j];
-  if (len && t >= len[b]) {  // padding: state unchanged, outputs 0
-    h_out[static_cast<int64_t>(b) * H + j] = h;
-    y[tb_idx * H + j] = 0;
-    sv[j] = sv[H + j] = sv[2 * H + j] = sv[3 * H + j] = 0;
-    return;
-  }
-  const scalar_t* gi_b = gi + tb_idx * H3;
-  const scalar_t* rho_b = rho ? rho + tb_idx * H3 : nullptr;
-  const scalar_t pr = rho_b ? rho_b[j] : scalar_t(0);
-  const scalar_t pz = rho_b ? rho_b[H + j] : scalar_t(0);
-  const scalar_t pn = rho_b ? rho_b[2 * H + j] : scalar_t(0);
-  const scalar_t ghn = acc_n + b_hh[2 * H + j];
-  const GruCellForward<scalar_t> c(gi_b[j] + b_ih[j] + acc_r + b_hh[j] + pr,
-                                   gi_b[H + j] + b_ih[H + j] + acc_z + b_hh[H + j] + pz,
-                                   gi_b[2 * H + j] + b_ih[2 * H + j] + pn, ghn, h);
-  sv[j] = c.r;
-  sv[H + j] = c.z;
-  sv[2 * H + j] = c.n;
-  sv[3 * H + j] = ghn;
-  h_out[static_cast<int64_t>(b) * H + j] = c.h_new;
-  y[tb_idx * H + j] = c.h_new;
+  gru_cuda::forward_gates(T, B, H, t, b, j, h_in[static_cast<int64_t>(b) * H + j], acc_r, acc_z,
+                          acc_n, gi, b_ih, b_hh, rho, len, h_out, y, saved);
 }
 
 // Backward step t. dh holds, per (b, j), the part of d loss / d h that the
@@ -201,7 +179,11 @@ backward_step_kernel(int T, int B, int H, int t, bool reverse,
   const int64_t tb_idx = static_cast<int64_t>(t) * B + b;
   scalar_t* dgi_b = dgi + tb_idx * H3;
   scalar_t* dgh_b = dgh + tb_idx * H3;
-  const int64_t L = len ? len[b] : T;
+  int64_t L = len ? len[b] : T;
+  if (len) {  // checked on the device (no host sync); never read out of bounds
+    CUDA_KERNEL_ASSERT(L >= 0 && L <= T);
+    L = L < 0 ? 0 : (L > T ? T : L);
+  }
   if (t >= L) {  // padding: the gradient passes through unchanged
     dh[bj] += acc;
     dgi_b[j] = dgi_b[H + j] = dgi_b[2 * H + j] = 0;
@@ -233,11 +215,16 @@ void forward_recurrence(GruForwardState& s) {
   const scalar_t* rho = s.rho.defined() ? s.rho.data_ptr<scalar_t>() : nullptr;
   auto other = at::empty_like(s.h);
   scalar_t* bufs[2] = {s.h.data_ptr<scalar_t>(), other.data_ptr<scalar_t>()};
+  // Opt-in (CASCLA_GRU_PERSISTENT): all steps in one cooperative launch.
+  if (gru_cuda::persistent_forward<scalar_t>(s, bufs[0], bufs[1])) {
+    if (T % 2 == 1) s.h.copy_(other);  // h_n ended in the second buffer
+    return;
+  }
   const dim3 grid = step_grid<scalar_t, BT>(B, H), block = step_block<scalar_t, BT>();
   for (int step = 0; step < T; ++step) {
     const int t = s.reverse ? T - 1 - step : step;
     forward_step_kernel<scalar_t, BT><<<grid, block, 0, stream>>>(
-        B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
+        T, B, H, t, s.gi.data_ptr<scalar_t>(), s.w_hh.data_ptr<scalar_t>(),
         s.b_ih.data_ptr<scalar_t>(), s.b_hh.data_ptr<scalar_t>(), rho, len, bufs[step % 2],
         bufs[(step + 1) % 2], s.y.data_ptr<scalar_t>(), s.saved.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,7 +1,9 @@
 // scla_loss, CUDA: the class sums (float64 partial sums per fixed row chunk,
-// reduced by ATen: deterministic), the fused per-anchor pass (one thread per
-// anchor, the math of scla_loss_math.h) and the row gather, all on the
-// current stream. The driver (csrc/scla_loss.cpp) does the GEMMs (cuBLAS
+// reduced by ATen: deterministic), the class weights (counted on the device),
+// the fused per-anchor pass (one thread per anchor, the math of
+// scla_loss_math.h) and the row gather, all on the current stream. Nothing
+// is read back to the host: every kernel that reads a label checks it with a
+// device-side assert (CUDA_KERNEL_ASSERT) instead of a host check. The driver (csrc/scla_loss.cpp) does the GEMMs (cuBLAS
 // through ATen). The CPU twin is csrc/cpu/scla_loss_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 
 #include "kernel_table.h"
 #include "scla_loss.h"
@@ -54,7 +57,9 @@ class_sums_kernel(int64_t R, int64_t d, int64_t M, int64_t K, int64_t rows_per,
   for (int64_t base = 0; base < K; base += kClassTile) {
     for (int c = 0; c < kClassTile; ++c) acc[c][tid] = 0;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = y[r % M] - base;
+      const int64_t yr = y[r % M];
+      CUDA_KERNEL_ASSERT(yr >= 0 && yr < K);  // labels are checked here, never read back
+      const int64_t c = yr - base;
       if (c >= 0 && c < kClassTile) {
         const double v = static_cast<double>(x[r * d + j]);
         if constexpr (kWeighted)
@@ -109,7 +114,7 @@ class_weights_kernel(int64_t M, int64_t K, double gamma, const int64_t* __restri
                      unsigned long long* __restrict__ counts, double* __restrict__ w) {
   for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
     const int64_t c = y[i];
-    CUDA_KERNEL_ASSERT(c >= 0 && c < K);  // the forward checked them on the host
+    CUDA_KERNEL_ASSERT(c >= 0 && c < K);  // labels are checked here, never read back
     if (c >= 0 && c < K) atomicAdd(counts + c, 1ull);
   }
   __syncthreads();
@@ -150,6 +155,11 @@ __global__ void anchor_forward_kernel(int64_t M, int64_t K, int64_t P,
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t yi = y[i];
+    CUDA_KERNEL_ASSERT(yi >= 0 && yi < K);
+    if (yi < 0 || yi >= K) {  // never read out of bounds (a failed assert stops the kernel)
+      loss[i] = NAN;
+      continue;
+    }
     loss[i] = class_weight[yi] *
               scla::anchor_loss(anchor_logits(logits, aug, i, M, K, P), yi, alpha, beta);
   }
@@ -168,6 +178,8 @@ __global__ void anchor_backward_kernel(int64_t M, int64_t K, int64_t P,
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t yi = y[i];
+    CUDA_KERNEL_ASSERT(yi >= 0 && yi < K);
+    if (yi < 0 || yi >= K) continue;
     const double c = scale * grad[i * grad_stride] * class_weight[yi];
     scla::anchor_grad(anchor_logits(logits, aug, i, M, K, P), yi, alpha, beta, c,
                       d_logits + i * K, d_aug + i, M);
@@ -210,7 +222,8 @@ void anchor_backward_cuda(const SclaAnchorArgs& a, const at::Tensor& grad, int64
 // Row gather: one thread per element of out.
 
 template <typename scalar_t>
-__global__ void gather_rows_kernel(int64_t R, int64_t d, int64_t M, const double* __restrict__ v,
+__global__ void gather_rows_kernel(int64_t R, int64_t d, int64_t M, int64_t K,
+                                   const double* __restrict__ v,
                                    const int64_t* __restrict__ y, const double* __restrict__ coef,
                                    bool accumulate, scalar_t* __restrict__ out) {
   const int64_t n = R * d;
@@ -218,7 +231,10 @@ __global__ void gather_rows_kernel(int64_t R, int64_t d, int64_t M, const double
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / d, j = idx - r * d;
     const double c = coef ? coef[r] : 1.0;
-    double value = c * v[y[r % M] * d + j];
+    const int64_t yr = y[r % M];
+    CUDA_KERNEL_ASSERT(yr >= 0 && yr < K);
+    if (yr < 0 || yr >= K) continue;
+    double value = c * v[yr * d + j];
     if (accumulate) value += static_cast<double>(out[idx]);
     out[idx] = static_cast<scalar_t>(value);
   }
@@ -227,12 +243,12 @@ __global__ void gather_rows_kernel(int64_t R, int64_t d, int64_t M, const double
 void gather_rows_cuda(const at::Tensor& v, const at::Tensor& y, const at::Tensor& coef,
                       bool accumulate, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t R = out.size(0), d = out.size(1), M = y.size(0);
+  const int64_t R = out.size(0), d = out.size(1), M = y.size(0), K = v.size(0);
   if (R * d == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "scla_loss_gather_rows_cuda", [&] {
     gather_rows_kernel<scalar_t><<<blocks_for(R * d), kThreads, 0, stream>>>(
-        R, d, M, v.const_data_ptr<double>(), y.const_data_ptr<int64_t>(),
+        R, d, M, K, v.const_data_ptr<double>(), y.const_data_ptr<int64_t>(),
         coef.defined() ? coef.const_data_ptr<double>() : nullptr, accumulate,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

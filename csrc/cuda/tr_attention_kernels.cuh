@@ -23,7 +23,7 @@ namespace tr_cuda {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRing = 16;  // modalities per call on CUDA (kernel argument arrays)
-constexpr int64_t kChunk = 16;  // utterances per dP_kernel block
+constexpr int64_t kChunk = 16;  // utterances per theta_kernel block
 
 // Everything the kernels read, by value (a few hundred bytes of pointers).
 // Modality m: ranks s = r[m], w = r[(m + 1) % n]; per-dialogue matrices at
@@ -50,7 +50,7 @@ struct TrArgs {
   scalar_t* dq2[kMaxRing];
   scalar_t* dk1[kMaxRing];
   scalar_t* dk2[kMaxRing];
-  scalar_t* partial;   // (B, chunks, sum_pairs): per-chunk sums (Theta forward, Theta^T dOut backward)
+  scalar_t* partial;   // forward: (B, chunks, sum_pairs), per-chunk sums of Theta
   int64_t chunks;
   scalar_t* scratch;   // backward: dL rows, (sum_pairs * B * T)
 
@@ -260,29 +260,31 @@ __global__ void __launch_bounds__(kThreads) out_kernel(const __grid_constant__ T
 
 // ---- backward ----
 
-// partial[b][chunk][m] (w x s) = sum over the chunk's real utterances of Theta^T dOut.
+// dP_m[b] (w x s) = sum over dialogue b's real utterances, in order, of
+// Theta^T dOut, for every modality, by the threads of a block (one entry of
+// the flattened (m, k, j) per thread at a time, so modalities share the threads).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) dP_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
-  const int64_t b = blockIdx.x, chunk = blockIdx.z, T = a.T;
-  const int m = blockIdx.y;
-  const int64_t s = a.s(m), w = a.w(m);
-  const int64_t t0 = chunk * kChunk, t1 = t0 + kChunk < T ? t0 + kChunk : T;
-  scalar_t* out = a.partial + (b * a.chunks + chunk) * a.sum_pairs + a.pair_off[m];
-  for (int64_t e = threadIdx.x; e < w * s; e += blockDim.x) {
+__device__ inline void block_dP(const TrArgs<scalar_t>& a, int64_t b) {
+  const int64_t T = a.T;
+  for (int64_t f = threadIdx.x; f < a.sum_pairs; f += blockDim.x) {
+    int m = 0;
+    while (m + 1 < a.n && a.pair_off[m + 1] <= f) ++m;
+    const int64_t s = a.s(m), w = a.w(m), e = f - a.pair_off[m];
     const int64_t k = e / s, j = e - k * s;
     scalar_t acc = 0;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = 0; t < T; ++t) {
       const int64_t row = b * T + t;
       if (!a.mask[row]) continue;
       const scalar_t* th = a.theta[m] + row * s * w;
       const scalar_t* g = a.grad_out[m] + row * s * s;
       for (int64_t i = 0; i < s; ++i) acc += th[i * w + k] * g[i * s + j];
     }
-    out[e] = acc;
+    a.block(b, a.off_dP, m)[e] = acc;
   }
 }
 
-// P_m, dP_m = sum of the partials, the ring backward to dA_m, dA_m /= count.
+// P_m again, dP_m (block_dP), the ring backward to dA_m, dA_m /= count: one
+// block per dialogue.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ring_grad_kernel(const __grid_constant__ TrArgs<scalar_t> a) {
   const int64_t b = blockIdx.x;
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) ring_grad_kernel(const __grid_consta
   const scalar_t inv = block_inv_count(a, b);
   const DeviceView<scalar_t> v{a, b};
   tr::ring_forward<scalar_t>(v, tid, nt, BlockSync{});
-  sum_partials(a, b, scalar_t(1), [&](int m) { return v.dP(m); });
+  block_dP(a, b);
   __syncthreads();
   tr::ring_backward<scalar_t>(v, tid, nt, BlockSync{});
   for (int m = 0; m < a.n; ++m) {
@@ -404,10 +406,11 @@ inline TrArgs<scalar_t> ring_args(const TrState& st) {
 //                            summed in a fixed order), then the ring products
 //                            P_m (tr_attention_math.h)
 //             out_kernel     one warp per (utterance, modality): Out = Theta P
-//   backward: dP_kernel      one block per (dialogue, modality, chunk of 16
-//                            utterances): partial sums of Theta^T dOut
-//             ring_grad_kernel  one block per dialogue: P_m again, dP_m (the
-//                            partials summed in a fixed order), the ring backward
+//   backward (two launches; one for n = 1):
+//             ring_grad_kernel  one block per dialogue (n >= 2): P_m again, dP_m =
+//                            the sum of Theta^T dOut over the real utterances
+//                            (in order, no partial sums: the separate per-chunk
+//                            launch of these sums is gone), the ring backward
 //                            to dA_m, divided by the count
 //             grad_kernel    one warp per (utterance, modality): dTheta, the
 //                            softmax backward, the gradients of q1, k1, q2, k2
@@ -419,7 +422,7 @@ inline void check_cuda_sizes(const TrRing& R) {
   TORCH_CHECK_VALUE(row_blocks <= INT_MAX && R.B <= INT_MAX,
                     "tr_attention: B * T = ", R.B * R.T, " is too large for one CUDA launch");
   TORCH_CHECK_VALUE((R.T + kChunk - 1) / kChunk <= 65535, "tr_attention: T = ", R.T,
-                    " is too large for the CUDA backward (at most ", 65535 * kChunk, ")");
+                    " is too large for the CUDA kernels (at most ", 65535 * kChunk, ")");
 }
 
 template <typename Launch>
@@ -452,11 +455,7 @@ void run_backward(TrBackwardState& st, const Launch& launch) {
   const int64_t rows = R.B * R.T;
   if (rows == 0) return;  // every gradient is empty
   const dim3 row_grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps), R.n());
-  const int64_t chunks = (R.T + kChunk - 1) / kChunk;
-  const auto opts = st.q1[0].options();
-  const at::Tensor scratch = at::empty({R.sum_pairs() * rows}, opts);
-  const at::Tensor partial =
-      R.n() >= 2 ? at::empty({R.B * chunks * R.sum_pairs()}, opts) : at::Tensor();
+  const at::Tensor scratch = at::empty({R.sum_pairs() * rows}, st.q1[0].options());
   AT_DISPATCH_FLOATING_TYPES(st.q1[0].scalar_type(), "tr_attention_backward_cuda", [&] {
     auto a = ring_args<scalar_t>(st);
     for (int m = 0; m < a.n; ++m) {
@@ -467,13 +466,7 @@ void run_backward(TrBackwardState& st, const Launch& launch) {
       a.dk2[m] = st.dk2[m].data_ptr<scalar_t>();
     }
     a.scratch = scratch.data_ptr<scalar_t>();
-    a.chunks = chunks;
-    if (a.n >= 2) {
-      a.partial = partial.data_ptr<scalar_t>();
-      const dim3 dP_grid(static_cast<unsigned>(R.B), R.n(), static_cast<unsigned>(chunks));
-      launch(dP_grid, dP_kernel<scalar_t>, a);
-      launch(dim3(static_cast<unsigned>(R.B)), ring_grad_kernel<scalar_t>, a);
-    }
+    if (a.n >= 2) launch(dim3(static_cast<unsigned>(R.B)), ring_grad_kernel<scalar_t>, a);
     launch(row_grid, grad_kernel<scalar_t>, a);
   });
 }

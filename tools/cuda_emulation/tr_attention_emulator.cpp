@@ -18,42 +18,9 @@
 
 #include <c10/macros/Macros.h>
 
+#include "cuda_emulation.h"
 #include "tr_attention.h"
 
-struct dim3 {
-  unsigned x, y, z;
-  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
-};
-thread_local dim3 blockIdx, threadIdx;
-dim3 blockDim, gridDim;
-
-namespace emu {
-std::barrier<>* block_barrier = nullptr;
-thread_local std::barrier<>* warp_barrier = nullptr;
-thread_local std::array<uint64_t, 32>* warp_slots = nullptr;
-}  // namespace emu
-
-#define __global__
-#define __device__
-#define __host__
-#define __launch_bounds__(...)
-#define __grid_constant__
-#define __shared__ static
-#define __CUDA_ARCH__ 900
-
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier->arrive_and_wait(); }
-template <typename T>
-T __shfl_xor_sync(unsigned, T v, int offset) {
-  static_assert(sizeof(T) <= 8, "one slot per lane");
-  const unsigned lane = threadIdx.x & 31;
-  std::memcpy(&(*emu::warp_slots)[lane], &v, sizeof(T));
-  emu::warp_barrier->arrive_and_wait();
-  T r;
-  std::memcpy(&r, &(*emu::warp_slots)[lane ^ static_cast<unsigned>(offset)], sizeof(T));
-  emu::warp_barrier->arrive_and_wait();
-  return r;
-}
 inline float __expf(float x) { return std::exp(x); }
 // Round-to-nearest products that are never contracted into an FMA: a
 // volatile store rounds the product on the host as __fmul_rn does on the GPU.
@@ -88,13 +55,13 @@ struct EmulatedLaunch {
           std::vector<std::unique_ptr<std::barrier<>>> warps;
           for (unsigned w = 0; w < nw; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
           std::vector<std::array<uint64_t, 32>> slots(nw);
-          emu::block_barrier = &bar;
           std::vector<std::thread> threads;
           threads.reserve(nt);
           for (unsigned t = 0; t < nt; ++t)
             threads.emplace_back([&, t] {
               blockIdx = dim3(x, y, z);
               threadIdx = dim3(t);
+              emu::block_barrier = &bar;
               emu::warp_barrier = warps[t / 32].get();
               emu::warp_slots = &slots[t / 32];
               kernel(a);
