@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several seeds, e.g. 0,1,2: one run each in RUN_DIR/seed_<s>/, and "
                         "RUN_DIR/summary.json with their mean and standard deviation")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic corpus")
+    t.add_argument("--synthetic-shift", type=float, default=None, metavar="S",
+                   help="synthetic corpus: validation and test dialogues in other conditions than training (a per-dialogue offset and per-utterance noise of standard deviation S on every feature; default 0)")
     t.add_argument("--select-on", choices=("val", "holdout"), default="val",
                    help="split that picks the best epoch: val, or holdout (10%% of the training "
                         "dialogues, set aside before any fine-tuning; leaves val untouched for "
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="default: the folder the checkpoint was trained on")
     e.add_argument("--data-seed", type=int, default=None,
                    help="seed of the synthetic corpus (default: the checkpoint's)")
+    e.add_argument("--synthetic-shift", type=float, default=None, metavar="S",
+                   help="synthetic corpus: validation and test conditions (default: the checkpoint's; "
+                        "train --synthetic-shift)")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split to score")
     e.add_argument("--batch-size", type=_positive_int, default=32, help="dialogues per batch")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -358,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the built-in synthetic corpus, or a reader for files in --data-dir")
     u.add_argument("--data-dir", default=None, help="folder of the dataset's files (real datasets)")
     u.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic corpus")
+    u.add_argument("--synthetic-shift", type=float, default=None, metavar="S",
+                   help="synthetic corpus: validation and test conditions (train --synthetic-shift)")
     u.add_argument("--out", required=True, metavar="STUDY_DIR",
                    help="study folder: study.db (the Optuna study, resumed when the command runs again), "
                         "best.json and trials/<number>/")
@@ -429,6 +436,14 @@ def _reader_options(args, stored=None) -> dict:
     """The reader's options: the recorded ones (a checkpoint's DataSpec), then
     the flags. ``unsafe_pickle`` is only ever taken from the command line."""
     out = dict(stored.reader_options) if stored is not None else {}
+    shift = getattr(args, "synthetic_shift", None)
+    if shift is not None:
+        dataset = getattr(args, "dataset", None) or (stored.dataset if stored is not None else None)
+        if dataset != "synthetic":
+            raise CLIError(f"cascla: --synthetic-shift is for the synthetic corpus, not {dataset}")
+        if not shift >= 0:
+            raise CLIError(f"cascla: --synthetic-shift must be >= 0, got {shift}")
+        out["shift"] = shift
     if args.text_layers is not None:
         out["text_layers"] = args.text_layers
     if args.media_dir is not None:
@@ -769,8 +784,8 @@ def _evaluate(args) -> int:
     spec = DataSpec(data.dataset if same else args.dataset,
                     data_seed=args.data_seed if args.data_seed is not None else data.data_seed,
                     data_dir=args.data_dir or (data.data_dir if same else None),
-                    features=_feature_options(args, data.features), reader_options=_reader_options(args, data),
-                    holdout=data.holdout if same else None)
+                    features=_feature_options(args, data.features),
+                    reader_options=_reader_options(args, data if same else None), holdout=data.holdout if same else None)
     dataset = spec.dataset
     corpus = _load_corpus(spec, _load_options(args, dataset))
     if corpus.label_names != model.label_names:

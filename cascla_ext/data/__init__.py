@@ -39,9 +39,16 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     ``spec.load()`` builds the same corpus again.
     """
     if name == "synthetic":
-        from .synthetic import LABELS
+        from .synthetic import LABELS, SyntheticSpec
 
-        splits = make_synthetic(seed)
+        unknown = sorted(set(reader_options) - {"shift"})
+        if unknown:
+            raise ValueError(f"dataset synthetic: unknown options {unknown}; it takes shift (SyntheticSpec.shift)")
+        shift = reader_options.get("shift") or 0.0
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift >= 0:
+            raise ValueError(f"dataset synthetic: shift must be a number >= 0, got {shift!r}")
+        reader_options = {"shift": float(shift)} if shift else {}
+        splits = make_synthetic(seed, SyntheticSpec(shift=float(shift))) if shift else make_synthetic(seed)
         for dialogues in splits.values():
             for d in dialogues:
                 d.validate()

@@ -19,6 +19,13 @@ It is built so that each part of CaSCLA has something to find:
   causes in its own speaker, the inter clues (oReact, oEffect, oWant) the one
   it causes in others, with noise.
 - 2 to 9 speakers per dialogue, 4 to 18 utterances.
+- Optionally (``SyntheticSpec.shift`` > 0, ``--synthetic-shift``) a shift
+  between training and deployment conditions, for adversarial training to
+  guard against: every validation and test dialogue is recorded in its own
+  conditions, a per-dialogue offset of each modality's features (standard
+  deviation ``shift``), plus as much noise again per utterance. The training
+  dialogues are as without it, and the shift is drawn from its own random
+  stream, so the corpus with ``shift`` 0 is the same as before the option.
 
 Same seed, same corpus, on every machine (numpy's PCG64).
 """
@@ -57,6 +64,7 @@ class SyntheticSpec:
     audio_label: float = 0.16
     visual_label: float = 0.10
     clue_signal: float = 0.9
+    shift: float = 0.0          # validation/test conditions: per-dialogue offset and noise (std)
 
 
 def make_synthetic(seed: int = 0, spec: SyntheticSpec | None = None) -> dict[str, list[Dialogue]]:
@@ -116,7 +124,18 @@ def make_synthetic(seed: int = 0, spec: SyntheticSpec | None = None) -> dict[str
         return Dialogue(id=idx, features=feats, speakers=speakers, labels=labels, clues=clues,
                         meta={"causes": causes, "events": events})
 
-    return {
+    splits = {
         split: [dialogue(f"synthetic-{split}-{i}") for i in range(n)]
         for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test))
     }
+    if spec.shift:
+        if not spec.shift > 0:
+            raise ValueError(f"SyntheticSpec: shift must be >= 0, got {spec.shift}")
+        shift_rng = np.random.default_rng([seed, 1])  # its own stream: the dialogues stay as they are
+        for split in ("val", "test"):
+            for d in splits[split]:
+                for m, x in d.features.items():
+                    offset = spec.shift * shift_rng.standard_normal(x.shape[1])
+                    jitter = spec.shift * shift_rng.standard_normal(x.shape)
+                    d.features[m] = (x + offset + jitter).astype(np.float32)
+    return splits
