@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune only once this many trials are complete")
     u.add_argument("--prune-warmup", type=_nonnegative_int, default=1,
                    help="never prune a trial during its first N epochs")
+    u.add_argument("--trial-seeds", type=_positive_int, default=1, metavar="N",
+                   help="train each trial with N seeds (--seed, --seed + 1, ...) and score it by their mean "
+                        "(one seed's hold-out score is noisy); the pruner sees the first seed's epochs")
     u.add_argument("--device", default="cpu", help="cpu or cuda")
     u.add_argument("--quiet", action="store_true", help="no line per trial")
     _add_feature_args(u, for_training=True)
@@ -715,7 +718,7 @@ def _tune(args, argv: Sequence[str]) -> int:
             seed=args.seed, objective=args.objective, space=space, preset=preset, data=data,
             fixed_config=dict(fixed.config), fixed_settings=fixed_settings, device=args.device,
             pruner=args.pruner, prune_startup=args.prune_startup, prune_warmup=args.prune_warmup,
-            quiet=args.quiet)
+            quiet=args.quiet, trial_seeds=args.trial_seeds)
 
         def load_corpus():
             corpus = _load_corpus(spec, _load_options(args, args.dataset))

@@ -359,13 +359,18 @@ class TuneSetup:
     prune_startup: int = 5
     prune_warmup: int = 1
     quiet: bool = False
+    # Seeds per trial (seed, seed + 1, ...): the trial's value is the mean of
+    # their hold-out scores, and the pruner sees the first seed's epochs.
+    trial_seeds: int = 1
 
     def record(self) -> dict:
         """The settings a resumed study must share (JSON types)."""
         return json.loads(json.dumps({
             "dataset": self.dataset, "data": self.data, "epochs": self.epochs, "seed": self.seed,
             "objective": self.objective, "space": self.space, "preset": self.preset,
-            "fixed_config": self.fixed_config, "fixed_settings": self.fixed_settings}))
+            "fixed_config": self.fixed_config, "fixed_settings": self.fixed_settings,
+            # (only where it differs from 1, so that studies from before the option resume)
+            **({"trial_seeds": self.trial_seeds} if self.trial_seeds != 1 else {})}))
 
     @property
     def db(self) -> Path:
@@ -432,7 +437,7 @@ def best_summary(optuna, study, setup: TuneSetup) -> dict | None:
         "params": dict(best.params),
         "n_complete": counts["n_complete"], "n_pruned": counts["n_pruned"], "n_failed": counts["n_failed"],
         "n_trials": counts["n_trials"], "study": str(setup.db), "run_dir": best.user_attrs.get("run_dir"),
-        "data": setup.data, "seed": setup.seed,
+        "data": setup.data, "seed": setup.seed, "trial_seeds": setup.trial_seeds,
     }
 
 
@@ -517,40 +522,52 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
         run_dir = setup.study_dir / "trials" / str(trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("pid", os.getpid())
+        seeds = [setup.seed + i for i in range(setup.trial_seeds)]
         try:
             config = CaSCLAConfig.for_corpus(corpus, setup.preset,
                                              **{**setup.fixed_config, **config_over, "modalities": modalities})
-            settings = train_module.TrainSettings(**{
+            runs = [train_module.TrainSettings(**{
                 "lr": lr_default, **setup.fixed_settings, **settings_over, "epochs": setup.epochs,
-                "seed": setup.seed, "device": setup.device, "progress": False, "select_split": "holdout",
-                "threads": threads, "tensorboard": False})
-            settings.validate()
+                "seed": seed, "device": setup.device, "progress": False, "select_split": "holdout",
+                "threads": threads, "tensorboard": False}) for seed in seeds]
+            for settings in runs:
+                settings.validate()
         except ValueError as err:  # a combination the space allows but the model does not
             trial.set_user_attr("error", " ".join(str(err).split()))
             return float("nan")  # recorded as failed
-        selected: dict = {}
-
-        def on_epoch(record: dict) -> None:
-            val = record["val"]
-            if not selected or val["weighted_f1"] > selected["weighted_f1"]:  # as train selects
-                selected.update(val)
-            trial.report(_score(selected, setup.objective), record["epoch"])
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned by cascla tune after epoch {record['epoch']}")
 
         import torch
 
-        try:
-            metrics = train_module.train(config, corpus, run_dir, settings, spec, overwrite=True,
-                                         on_epoch=on_epoch)
-        except (train_module.TrainingDiverged, torch.cuda.OutOfMemoryError) as err:
-            trial.set_user_attr("error", " ".join(str(err).split())[:300])
-            return float("nan")
-        scores = metrics.get("selection_scores") or metrics["epochs"][metrics["best_epoch"] - 1]["val"]
-        trial.set_user_attr("best_epoch", metrics["best_epoch"])
+        per_seed, best_epochs = [], []
+        for i, settings in enumerate(runs):
+            selected: dict = {}
+
+            def on_epoch(record: dict, report: bool = i == 0) -> None:
+                val = record["val"]
+                if not selected or val["weighted_f1"] > selected["weighted_f1"]:  # as train selects
+                    selected.update(val)
+                if report:  # the pruner compares trials on the first seed's epochs
+                    trial.report(_score(selected, setup.objective), record["epoch"])
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned by cascla tune after epoch {record['epoch']}")
+
+            out = run_dir if len(runs) == 1 else run_dir / f"seed_{settings.seed}"
+            try:
+                metrics = train_module.train(config, corpus, out, settings, spec, overwrite=True,
+                                             on_epoch=on_epoch)
+            except (train_module.TrainingDiverged, torch.cuda.OutOfMemoryError) as err:
+                trial.set_user_attr("error", " ".join(str(err).split())[:300])
+                return float("nan")
+            per_seed.append(metrics.get("selection_scores") or metrics["epochs"][metrics["best_epoch"] - 1]["val"])
+            best_epochs.append(metrics["best_epoch"])
+        trial.set_user_attr("best_epoch", best_epochs[0] if len(runs) == 1 else best_epochs)
         for key in ("weighted_f1", "macro_f1", "accuracy"):
-            trial.set_user_attr(f"holdout_{key}", scores[key])
-        return _score(scores, setup.objective)
+            trial.set_user_attr(f"holdout_{key}", sum(s[key] for s in per_seed) / len(per_seed))
+        values = [_score(s, setup.objective) for s in per_seed]
+        if len(runs) > 1:
+            trial.set_user_attr("seeds", seeds)
+            trial.set_user_attr("per_seed", values)
+        return sum(values) / len(values)
 
     return objective
 
@@ -606,9 +623,11 @@ def _open_study(optuna, setup: TuneSetup):
     elif theirs != mine:
         key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
         show = {"data": "the data or feature options", "space": "--space", "fixed_config": "--config",
-                "fixed_settings": "--config"}.get(key, f"--{key}")
+                "fixed_settings": "--config"}.get(key, f"--{key.replace('_', '-')}")
+        unset = 1 if key == "trial_seeds" else None  # a record leaves out trial_seeds 1
         raise TuneError(f"cascla tune: {setup.db} holds a study with other settings ({show}: "
-                        f"{json.dumps(theirs.get(key))[:80]} there, {json.dumps(mine.get(key))[:80]} here); "
+                        f"{json.dumps(theirs.get(key, unset))[:80]} there, {json.dumps(mine.get(key, unset))[:80]} "
+                        "here); "
                         "pass the same settings to resume it, or choose another --out")
     return study
 

@@ -108,6 +108,26 @@ def test_study_on_the_holdout_resumes_and_best_json_trains(tmp_path, files, monk
     assert metrics["data"]["config_file"] == str((out / "best.json").resolve())
 
 
+def test_trial_seeds_score_a_trial_by_the_mean_of_its_seeds(tmp_path, files, capsys):
+    out = tmp_path / "study"
+    assert main(tune(out, files, "--trials", "1", "--trial-seeds", "2", "--seed", "3")) == 0
+    (trial,) = study_trials(out)
+    scores = []
+    for seed in (3, 4):
+        m = json.loads((out / "trials" / "0" / f"seed_{seed}" / "metrics.json").read_text())
+        assert m["seed"] == seed and m["select_split"] == "holdout"
+        scores.append(m["epochs"][m["best_epoch"] - 1]["val"]["weighted_f1"])
+    assert trial.user_attrs["seeds"] == [3, 4] and trial.user_attrs["per_seed"] == scores
+    assert trial.value == pytest.approx(sum(scores) / 2)
+    assert list(trial.intermediate_values) == [1]  # the pruner sees the first seed's epoch only
+    best = json.loads((out / "best.json").read_text())
+    assert best["trial_seeds"] == 2 and best["value"] == trial.value
+    capsys.readouterr()
+    # A study keeps its number of seeds per trial.
+    assert main(tune(out, files, "--trials", "2", "--seed", "3")) == 2
+    assert "holds a study with other settings (--trial-seeds: 2 there, 1 here)" in one_line_error(capsys)
+
+
 def test_jobs_run_trials_in_parallel_worker_processes(tmp_path, files):
     out = tmp_path / "study"
     assert main(tune(out, files, "--trials", "2", "--jobs", "2")) == 0
