@@ -253,8 +253,9 @@ def test_predict_rejects_a_synthetic_checkpoint(tmp_path, capsys):
     assert "cannot be extracted from text" in capsys.readouterr().err
 
 
-def test_meld_slice_end_to_end(tmp_path, capsys):
-    """The real MELD CSV format through the whole pipeline (a slice, to stay fast)."""
+def meld_slice(tmp_path, n_train: int, n_end: int):
+    """A MELD folder of the real dev CSV's dialogues: 0..n_train-1 as train, n_train..n_end-1 as dev;
+    returns (folder, dev rows). Skips where the data is missing."""
     src = SHARED / "meld" / "dev_sent_emo.csv"
     if not src.is_file():
         pytest.skip(f"{src} not found: the real MELD data is in ../shared/data")
@@ -264,11 +265,17 @@ def test_meld_slice_end_to_end(tmp_path, capsys):
         rows = list(csv.reader(fh))
     header, body = rows[0], rows[1:]
     dia = header.index("Dialogue_ID")
-    train = [r for r in body if int(r[dia]) < 16]
-    val = [r for r in body if 16 <= int(r[dia]) < 22]
+    train = [r for r in body if int(r[dia]) < n_train]
+    val = [r for r in body if n_train <= int(r[dia]) < n_end]
     for name, part in (("train_sent_emo.csv", train), ("dev_sent_emo.csv", val)):
         with open(data / name, "w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows([header, *part])
+    return data, val
+
+
+def test_meld_slice_end_to_end(tmp_path, capsys):
+    """The real MELD CSV format through the whole pipeline (a slice, to stay fast)."""
+    data, val = meld_slice(tmp_path, 16, 22)
     out = tmp_path / "run"
     assert main(["train", "--dataset", "meld", "--data-dir", str(data), "--out", str(out), "--epochs", "2",
                  "--quiet", "--preset", "small", "--clues", "none", "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -346,3 +353,19 @@ def test_quiet_hides_the_loading_bars(capfd):
 
     TextEncoder(progress=False)
     assert "Loading" not in capfd.readouterr().err
+
+
+def test_meld_trains_with_its_tuned_preset_by_default(tmp_path, capsys):
+    """`cascla train --dataset meld` without --preset uses cascla_ext/tuned/meld-frozen.json:
+    the base widths and per-class decision biases fitted on the selection split."""
+    data, _ = meld_slice(tmp_path, 12, 18)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "meld", "--data-dir", str(data), "--out", str(out), "--epochs", "1",
+                 "--quiet", "--clues", "none", "--cache-dir", str(tmp_path / "cache")]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["preset"] == "tuned" and metrics["data"]["widths"] == "base"
+    assert Path(metrics["data"]["config_file"]).name == "meld-frozen.json"
+    assert metrics["settings"]["decision_bias"] == "mean_f1" and metrics["settings"]["batch_size"] == 16
+    fitted = metrics["decision_bias"]
+    assert fitted["score"] == "mean_f1" and list(fitted["bias"]) == \
+        ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
