@@ -469,7 +469,13 @@ def _load_corpus(spec, load_options: dict | None = None):
     """The corpus a DataSpec describes (``load_options``: never recorded, e.g. unsafe_pickle)."""
     if spec.dataset != "synthetic" and not spec.data_dir:
         raise CLIError(f"cascla: --dataset {spec.dataset} needs --data-dir (the folder of its files)")
-    return spec.load(**(load_options or {}))
+    if spec.dataset == "synthetic":
+        return spec.load()
+    from .distributed import rank_zero_first
+
+    # Under torchrun: rank 0 extracts the features (and fine-tunes the encoder)
+    # into the cache, then the other ranks read them from it.
+    return rank_zero_first(lambda: spec.load(**(load_options or {})))
 
 
 def _data_spec(args, options, reader_options: dict, holdout: float | None):

@@ -428,6 +428,30 @@ def on_rank_zero(make_context, group: dist.ProcessGroup | None = None):
         yield value
 
 
+def rank_zero_first(load, group: dist.ProcessGroup | None = None, wait: float = 7 * 24 * 3600.0):
+    """``load()`` on rank 0, then on the other ranks; returns each rank's
+    value. For work that fills a cache the others then read (features
+    extracted, an encoder fine-tuned: done once, not by every rank at once
+    into the same folder). An error on rank 0 is raised on every rank
+    (:func:`agree`). The others wait in a gloo group of their own whose
+    timeout is ``wait`` seconds, since that work can outlast the collectives'
+    (--dist-timeout); a rank that dies meanwhile is found by the heartbeat
+    watchdog. Ranks on machines that do not share rank 0's cache do the
+    work themselves, as without this."""
+    if not is_distributed(group) or world_size(group) == 1:
+        return load()
+    waiter = dist.new_group(ranks=dist.get_process_group_ranks(group) if group is not None else None,
+                            backend="gloo", timeout=datetime.timedelta(seconds=wait))
+    value, error = None, None
+    if rank(group) == 0:
+        try:
+            value = load()
+        except Exception as err:  # noqa: BLE001 - raised again below, on every rank
+            error = err
+    agree(error, waiter)
+    return value if rank(group) == 0 else load()
+
+
 def rng_state() -> dict:
     """This process's random states (torch CPU and CUDA, numpy, Python), as
     plain data that ``torch.load(weights_only=True)`` reads back."""

@@ -224,3 +224,37 @@ def test_a_dead_rank_ends_the_others_with_one_line(tmp_path, how):
     assert metrics["status"] == "failed" or (how == "stopped" and metrics["status"] == "running")
     last = torch.load(run / "last.pt", weights_only=True)
     assert (last["epoch"], last["world_size"]) == (2, 2)  # resumable from the end of epoch 1
+
+
+def _rank_zero_first_worker(rank: int, world_size: int, folder: Path) -> None:
+    from cascla_ext.distributed import RankFailed, rank_zero_first
+
+    def load():
+        start = time.time()
+        time.sleep(0.5 if rank == 0 else 0.0)  # rank 0's work takes longer: the others must still wait for it
+        (folder / f"rank{rank}").write_text(f"{start} {time.time()}")
+        return rank
+
+    assert rank_zero_first(load) == rank
+
+    def fails():
+        if rank == 0:
+            raise ValueError("bad file")
+        return rank
+
+    if rank == 0:
+        with pytest.raises(ValueError, match="bad file"):
+            rank_zero_first(fails)
+    else:  # the others never run it, and hear which rank failed
+        with pytest.raises(RankFailed, match="rank 0 failed: ValueError: bad file"):
+            rank_zero_first(lambda: (folder / "ran").write_text("x"))
+
+
+def test_rank_zero_loads_first_and_its_error_reaches_every_rank(tmp_path):
+    """Feature extraction under torchrun (cli._load_corpus): rank 0 fills the
+    cache, then the others read it, instead of every rank extracting (and
+    fine-tuning the encoder) into the same folder at once."""
+    run_distributed(_rank_zero_first_worker, 3, tmp_path, timeout=120)
+    spans = {r: [float(x) for x in (tmp_path / f"rank{r}").read_text().split()] for r in range(3)}
+    assert spans[0][1] <= min(spans[1][0], spans[2][0]), spans
+    assert not (tmp_path / "ran").exists()
