@@ -46,6 +46,15 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -
     }
 
 
+def summary_score(result: dict, name: str) -> float:
+    """One number of a :func:`scores` result: ``weighted_f1``, ``macro_f1``,
+    ``accuracy``, or ``mean_f1`` (the mean of weighted and macro F1), as
+    decision biases and ``cascla tune`` maximise them."""
+    if name == "mean_f1":
+        return 0.5 * (result["weighted_f1"] + result["macro_f1"])
+    return float(result[name])
+
+
 def format_table(result: dict) -> str:
     """The per-class F1 table, then weighted F1 and accuracy, as the CLI prints them."""
     names = list(result["per_class_f1"])

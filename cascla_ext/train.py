@@ -24,7 +24,7 @@ from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
 from .data import Corpus, DataSpec, Dialogue, collate
 from .distributed import SCOPES
-from .metrics import scores
+from .metrics import scores, summary_score
 from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "LAST_CHECKPOINT", "ResumeError", "TrainSettings", "TrainingDiverged",
@@ -111,12 +111,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 DECISION_BIAS_SCORES = ("none", "weighted_f1", "macro_f1", "mean_f1")
 
 
-def _selection_score(result: dict, name: str) -> float:
-    if name == "mean_f1":
-        return 0.5 * (result["weighted_f1"] + result["macro_f1"])
-    return result[name]
-
-
 def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequence[str], score: str = "mean_f1",
                       grid: Sequence[float] = tuple(np.arange(-3.0, 3.01, 0.25)), passes: int = 2
                       ) -> tuple[np.ndarray, float, float]:
@@ -131,7 +125,7 @@ def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequenc
     K = log_probs.shape[1]
 
     def value(b: np.ndarray) -> float:
-        return _selection_score(scores(y, (log_probs + b).argmax(-1), label_names), score)
+        return summary_score(scores(y, (log_probs + b).argmax(-1), label_names), score)
 
     b = np.zeros(K)
     before = best = value(b)

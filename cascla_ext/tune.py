@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .metrics import summary_score
+
 __all__ = ["DEFAULT_SPACE", "OBJECTIVES", "ConfigFile", "TuneError", "TuneSetup", "load_space",
            "read_config_file", "run", "work"]
 
@@ -406,12 +408,6 @@ def _pruner(optuna, setup: TuneSetup):
     return optuna.pruners.MedianPruner(n_startup_trials=setup.prune_startup, n_warmup_steps=setup.prune_warmup + 1)
 
 
-def _score(scores: dict, objective: str) -> float:
-    if objective == "mean_f1":
-        return 0.5 * (scores["weighted_f1"] + scores["macro_f1"])
-    return float(scores[objective])
-
-
 def _counts(optuna, study) -> dict:
     S = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
@@ -547,7 +543,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
                 if not selected or val["weighted_f1"] > selected["weighted_f1"]:  # as train selects
                     selected.update(val)
                 if report:  # the pruner compares trials on the first seed's epochs
-                    trial.report(_score(selected, setup.objective), record["epoch"])
+                    trial.report(summary_score(selected, setup.objective), record["epoch"])
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned by cascla tune after epoch {record['epoch']}")
 
@@ -563,7 +559,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
         trial.set_user_attr("best_epoch", best_epochs[0] if len(runs) == 1 else best_epochs)
         for key in ("weighted_f1", "macro_f1", "accuracy"):
             trial.set_user_attr(f"holdout_{key}", sum(s[key] for s in per_seed) / len(per_seed))
-        values = [_score(s, setup.objective) for s in per_seed]
+        values = [summary_score(s, setup.objective) for s in per_seed]
         if len(runs) > 1:
             trial.set_user_attr("seeds", seeds)
             trial.set_user_attr("per_seed", values)
