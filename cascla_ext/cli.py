@@ -221,7 +221,7 @@ def _media_options(args, stored: dict | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
+    from .config import AST_NORMS, CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
     from .data import DATASETS
     from .train import DECISION_BIAS_SCORES
 
@@ -294,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-ast", action="store_true", help="ablation: no adversarial samples")
     t.add_argument("--epsilon", type=_nonnegative_float, default=None,
                    help="norm of the adversarial gate perturbation (default 1.0)")
-    t.add_argument("--ast-norm", choices=("dialogue", "utterance"), default=None,
-                   help="epsilon per dialogue and GRU direction (the paper's, default) or per utterance")
+    t.add_argument("--ast-norm", choices=AST_NORMS, default=None,
+                   help="epsilon per dialogue and GRU direction (the paper's, default), per utterance, or on the "
+                        "GRU's input weights (SACL's FGM reading; use a small epsilon, e.g. 0.05)")
     t.add_argument("--ast-weight", type=_nonnegative_float, default=None,
                    help="weight of the adversarial cross-entropy in the objective (default 1, the paper's)")
     t.add_argument("--no-causal", action="store_true", help="ablation: no causal-aware interaction")

@@ -12,6 +12,8 @@ from .modalities import MODALITIES
 
 #: The classifier losses ``CaSCLAConfig.classifier_loss`` may name.
 CLASSIFIER_LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
+#: Where the adversarial perturbation's norm epsilon is taken (``CaSCLAConfig.ast_norm``).
+AST_NORMS = ("dialogue", "utterance", "weights")
 #: The contrastive losses ``CaSCLAConfig.contrastive`` may name.
 CONTRASTIVE_LOSSES = ("scla", "supcon", "spcl")
 
@@ -50,8 +52,13 @@ class CaSCLAConfig:
     # adversarial samples (Eqs. 19-20): rho = epsilon * g / ||g||, the norm
     # over each dialogue and GRU direction (ast_norm "dialogue", the paper's
     # reading) or over each utterance's gate pre-activations ("utterance": the
-    # same strength per utterance however long the dialogue); ast_weight is
-    # the weight of the adversarial cross-entropy in Eq. 21 (paper: 1).
+    # same strength per utterance however long the dialogue) or, "weights",
+    # SACL's reading (FGM on the GRU's input weights): rho = dW x + db with
+    # dW, db = epsilon * the clean loss's gradient at W_ih, b_ih over its norm,
+    # one change of the weights for the whole batch and every step (so a much
+    # smaller epsilon than the other two: ||rho_t|| grows with ||x_t||);
+    # ast_weight is the weight of the adversarial cross-entropy in Eq. 21
+    # (paper: 1).
     epsilon: float = 1.0
     ast_norm: str = "dialogue"
     ast_weight: float = 1.0
@@ -156,8 +163,8 @@ class CaSCLAConfig:
         for name in ("epsilon", "alpha", "beta", "gamma", "scla_weight"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.ast_norm not in ("dialogue", "utterance"):
-            fail(f"ast_norm must be 'dialogue' or 'utterance', got {self.ast_norm!r}")
+        if self.ast_norm not in AST_NORMS:
+            fail(f"ast_norm must be one of {', '.join(AST_NORMS)}, got {self.ast_norm!r}")
         if self.ast_weight < 0:
             fail(f"ast_weight must be >= 0, got {self.ast_weight}")
         if self.contrastive not in CONTRASTIVE_LOSSES:

@@ -4,6 +4,7 @@ and the adversarial-training options (issue 13)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -114,6 +115,38 @@ def test_adversarial_perturbation_norms(synthetic, ast_norm):
         else:
             norms = rho.norm(dim=2)[batch.mask]  # every real utterance gets epsilon
             assert torch.allclose(norms, torch.full_like(norms, 0.7), rtol=1e-4)
+
+
+def test_weight_perturbation_is_fgm_on_the_gru_input_weights(synthetic):
+    """ast_norm="weights": the adversarial features are those of the GRU with
+    W_ih, b_ih moved by epsilon along the clean CE's gradient at them (each
+    scaled to norm epsilon, as SACL's FGM does), in float64."""
+    torch.manual_seed(0)
+    cfg = small_config(synthetic, ast_norm="weights", epsilon=0.05, dropout=0.0, label_dropout=0.0,
+                       use_scla=False)
+    model = CaSCLA(cfg, synthetic.label_names).double().train()
+    batch = collate(synthetic.split("train")[:3])
+    batch = dataclasses.replace(batch, features={m: v.double() for m, v in batch.features.items()},
+                                clues=None if batch.clues is None else batch.clues.double())
+    out = model(batch)
+    gru = model.gru
+    names = [f"{p}_l0{s}" for s in ("", "_reverse") for p in ("weight_ih", "bias_ih")]
+    params = [getattr(gru, n) for n in names]
+    # The clean CE alone (AST off, same parameters) and its gradient at W_ih, b_ih.
+    clean = CaSCLA(dataclasses.replace(cfg, use_ast=False), synthetic.label_names).double().train()
+    clean.load_state_dict(model.state_dict())
+    grads = torch.autograd.grad(clean(batch).losses["ce"], [getattr(clean.gru, n) for n in names])
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(0.05 * g / g.norm())
+        shifted = dataclasses.replace(cfg, use_ast=False, use_scla=False)
+        moved = CaSCLA(shifted, synthetic.label_names).double().train()
+        moved.load_state_dict(model.state_dict())
+        ce_moved = moved(batch).losses["ce"]
+    assert torch.allclose(out.losses["ce_adv"].detach(), ce_moved, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(out.losses["ce"].detach(), ce_moved)  # the perturbation does something
+    for rho in out.perturbation:
+        assert (rho[~batch.mask] == 0).all()
 
 
 def test_ast_weight_scales_the_adversarial_term(synthetic):

@@ -83,6 +83,9 @@ VARIANTS = {
     "AST: epsilon per utterance": {"ast_norm": "utterance"},
     "AST: adversarial CE weight 0.5": {"ast_weight": 0.5},
     "AST: epsilon per utterance, CE weight 0.5": {"ast_norm": "utterance", "ast_weight": 0.5},
+    # SACL's reading: FGM on the GRU's input weights (ast_norm "weights").
+    "AST: on the GRU input weights, epsilon 0.05": {"ast_norm": "weights", "epsilon": 0.05},
+    "AST: on the GRU input weights, epsilon 0.2": {"ast_norm": "weights", "epsilon": 0.2},
 }
 #: The paper's Table 5 (``--study batch-size``): the contrastive term at
 #: batch sizes of 4 to 32 dialogues, everything else at the defaults.
