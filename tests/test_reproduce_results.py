@@ -93,3 +93,32 @@ def test_a_field_added_later_at_its_default_keeps_a_run_finished():
     assert not tool.same_run(old, {**key, "config": {"d_model": 8, "ast_norm": "utterance"}})  # not the default
     assert not tool.same_run({**old, "config": {"d_model": 16}}, key)
     assert not tool.same_run({"config": {"d_model": 8, "gone": 1}, "settings": {"lr": 0.001}}, key)
+
+
+def test_a_run_another_row_finished_with_the_same_settings_is_copied(tmp_path):
+    import argparse
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        tool = importlib.import_module("reproduce_results")
+    finally:
+        _sys.path.remove(str(ROOT / "tools"))
+    args = argparse.Namespace(out=str(tmp_path))
+    key = {"config": {"d_model": 8}, "settings": {"lr": 0.001, "batch_size": 16}}
+    src = tool.run_dir(args, "finetuned", "meld", "CaSCLA (defaults)", 0)
+    src.mkdir(parents=True)
+    (src / "scores.json").write_text(json.dumps({"key": key, "val": {"weighted_f1": 0.5}}))
+    (src / "model.pt").write_bytes(b"weights")
+    (src / "last.pt").write_bytes(b"big")
+    dst = tool.run_dir(args, "finetuned", "meld", "SCLA, batch 16", 0)
+    assert not tool.reuse_identical(args, "finetuned", "meld", "SCLA, batch 16", 0,
+                                    {**key, "settings": {"lr": 0.001, "batch_size": 8}})  # other settings: train
+    assert not dst.exists()
+    dst.mkdir(parents=True)
+    (dst / "metrics.json").write_text("{}")  # an unfinished run of this row: replaced
+    assert tool.reuse_identical(args, "finetuned", "meld", "SCLA, batch 16", 0, key)
+    assert tool.finished(dst, key) and (dst / "model.pt").read_bytes() == b"weights"
+    assert not (dst / "last.pt").exists() and not (dst / "metrics.json").exists()
+    assert not dst.with_name(dst.name + ".copy").exists()

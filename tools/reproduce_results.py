@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -195,6 +196,24 @@ def finished(path: Path, key: dict) -> dict | None:
     return done if isinstance(done.get("key"), dict) and same_run(done["key"], key) else None
 
 
+def reuse_identical(args, features: str, ds: str, variant: str, seed: int, key: dict) -> bool:
+    """Copy a run that another row already finished with exactly these
+    settings (the study's "SCLA, batch 16" is MELD's defaults row) into this
+    row's folder instead of training it again; False if there is none."""
+    path = run_dir(args, features, ds, variant, seed)
+    for other in ALL_VARIANTS:
+        src = run_dir(args, features, ds, other, seed)
+        if other != variant and finished(src, key) and (src / "model.pt").is_file():
+            tmp = path.with_name(path.name + ".copy")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".cascla.lock", "last.pt"))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            print(f"{features} {ds} {variant} seed {seed}: the same run as {other!r}, copied", flush=True)
+            return True
+    return False
+
+
 def worker(args) -> int:
     """One training run (``--worker FEATURES,DATASET,VARIANT_SLUG,SEED``):
     train, score the selected epoch on val, write scores.json last."""
@@ -290,8 +309,9 @@ def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str],
     for variant in wanted:
         config = make_config(corpus, variant, ds, features)
         for seed in seeds:
-            path = run_dir(args, features, ds, variant, seed)
-            if args.fresh or finished(path, run_key(config, settings_for(args, ds, seed, variant, features))) is None:
+            key = run_key(config, settings_for(args, ds, seed, variant, features))
+            if args.fresh or (finished(run_dir(args, features, ds, variant, seed), key) is None
+                              and not reuse_identical(args, features, ds, variant, seed, key)):
                 todo.append((variant, seed))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--data-root", args.data_root, "--out", args.out,
            "--finetune-epochs", str(args.finetune_epochs), "--threads", str(args.threads), "--quiet"]
