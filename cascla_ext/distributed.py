@@ -365,7 +365,12 @@ def shutdown(clean: bool = True) -> None:
 def shard(items: Sequence, group: dist.ProcessGroup | None = None) -> list:
     """This rank's share of ``items``: every world_size-th one from its rank
     (disjoint, together all of them; sizes differ by at most one)."""
-    return list(items[rank(group)::world_size(group)])
+    return list(items[shard_rows(len(items), group)])
+
+
+def shard_rows(n: int, group: dist.ProcessGroup | None = None) -> slice:
+    """The positions of this rank's :func:`shard` of ``n`` items (empty where n <= rank)."""
+    return slice(rank(group), n, world_size(group))
 
 
 def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:

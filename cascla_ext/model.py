@@ -30,6 +30,7 @@ from .data.batch import Batch
 from .modalities import MODALITY_NAMES
 from .distributed import SCOPES, all_reduce_sum, world_size
 from .nn import CausalInteraction, PerturbedGRU, SCLALoss, SPCLLoss, SupConLoss, TensorRingFusion
+from .nn.dropout import BatchDropout, TransformerEncoderLayer, global_batch
 
 __all__ = ["CaSCLA", "CaSCLAOutput", "CheckpointError"]
 
@@ -68,8 +69,9 @@ class UnimodalEncoder(nn.Module):
     def __init__(self, d_in: int, cfg: CaSCLAConfig):
         super().__init__()
         self.proj = nn.Linear(d_in, cfg.d_model)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.encoder_heads, cfg.encoder_ff,
-                                           dropout=cfg.dropout, batch_first=True)
+        # nn.TransformerEncoderLayer with the global batch's dropout masks (nn/dropout.py).
+        layer = TransformerEncoderLayer(cfg.d_model, cfg.encoder_heads, cfg.encoder_ff, dropout=cfg.dropout,
+                                        batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -110,7 +112,7 @@ class CaSCLA(nn.Module):
         else:
             self.head = nn.Linear(d_context, cfg.d_feature)
         self.fusion_gain = cfg.fusion_gain if cfg.fusion_gain is not None else cfg.d_fused ** 0.5
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = BatchDropout(cfg.dropout, time_major=True)  # on the GRU's (T, B, .) output, transposed
         self.classifier = nn.Linear(cfg.d_feature, cfg.num_classes)
         # Per-class biases added to the logits when predicting (0 unless
         # fitted on a selection split: cascla_ext.train.fit_decision_bias).
@@ -276,7 +278,13 @@ class CaSCLA(nn.Module):
                 ) -> CaSCLAOutput:
         """``label_counts`` (K,): in a distributed training run (see
         :meth:`distribute`), the labelled utterances per class over all
-        ranks' batches (:func:`cascla_ext.distributed.global_label_counts`)."""
+        ranks' batches (:func:`cascla_ext.distributed.global_label_counts`).
+        Dropout draws the masks of the global batch that ``batch.global_layout``
+        places the batch in (:mod:`cascla_ext.nn.dropout`)."""
+        with global_batch(batch.global_layout):
+            return self._forward(batch, grad_norms, label_counts)
+
+    def _forward(self, batch: Batch, grad_norms: bool, label_counts: Tensor | None) -> CaSCLAOutput:
         self._check_batch(batch)
         cfg = self.config
         mask = batch.mask

@@ -22,7 +22,7 @@ import torch
 from . import distributed as D
 from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
-from .data import Corpus, DataSpec, Dialogue, collate
+from .data import Batch, Corpus, DataSpec, Dialogue, GlobalLayout, collate
 from .distributed import SCOPES
 from .metrics import scores, summary_score
 from .model import CaSCLA
@@ -443,6 +443,21 @@ def _rank_share(chosen: list[Dialogue]) -> list[Dialogue]:
     return mine or [dataclasses.replace(chosen[0], labels=np.full(len(chosen[0]), -1, dtype=np.int64))]
 
 
+def _rank_batch(chosen: list[Dialogue], modalities: Sequence[str]) -> Batch:
+    """This rank's batch of a global batch (:func:`_rank_share`, collated),
+    with its place in the global batch (``global_layout``: its rows, the
+    global batch's size and padded length), so that dropout draws the masks
+    one process draws for the global batch (docs/distributed.md). The rank
+    that takes the first dialogue with its labels hidden takes its row."""
+    batch = collate(_rank_share(chosen), modalities)
+    if not D.is_distributed():
+        return batch
+    rows = D.shard_rows(len(chosen))
+    if rows.start >= len(chosen):
+        rows = slice(0, 1)
+    return dataclasses.replace(batch, global_layout=GlobalLayout(rows, len(chosen), max(map(len, chosen))))
+
+
 def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_set, on_epoch=None,
            resume=None, stop=None) -> dict:
     rank, world = D.rank(), D.world_size()
@@ -451,6 +466,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
     stop = stop if stop is not None else {"set": False}
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    # Every rank the same seed: each draws the global batch's dropout masks
+    # from the same stream (cascla_ext.nn.dropout), the single-process one.
     seed_everything(settings.seed)
     model = CaSCLA(config, corpus.label_names).to(device)
     if resume is not None:
@@ -464,8 +481,6 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         # With NCCL the SCLA loss's all-reduce (in the backward) gets its own
         # communicator, so it cannot interleave with DDP's gradient buckets.
         model.distribute(settings.scla_scope, dist.new_group() if device.type == "cuda" else None)
-        if rank > 0:  # its own dropout draws (rank 0 keeps the single-process stream)
-            seed_everything(settings.seed + 1_000_003 * rank)
         # With the local scope a rank may leave the contrastive term's
         # parameters unused (fewer than 2 labelled utterances of its own);
         # with the global one the model keeps every parameter in the graph.
@@ -553,7 +568,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             expected = _expected_terms(config)
             for step in step_bar:
                 chosen = [train_set[i] for i in order[(step - 1) * settings.batch_size:step * settings.batch_size]]
-                batch = collate(_rank_share(chosen), config.modalities).to(device)
+                batch = _rank_batch(chosen, config.modalities).to(device)
                 label_counts = None
                 if world > 1:
                     label_counts = D.global_label_counts(batch.labels, batch.mask, config.num_classes)

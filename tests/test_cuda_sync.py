@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cascla_ext import CaSCLA, collate, ops
+from cascla_ext.data import GlobalLayout
 from cascla_ext.nn import SCLALoss
 from conftest import assert_close, requires_cuda, small_config
 
@@ -136,6 +137,25 @@ def train_step(model, batch):
 def test_a_training_step_runs_without_host_sync(synthetic):
     model, batch = training_model(synthetic, "cuda"), training_batch(synthetic, "cuda")
     train_step(model, batch)  # warm-up
+    model.zero_grad(set_to_none=True)
+    with no_host_sync():
+        out = train_step(model, batch)
+    assert set(out.losses) == {"ce", "scla", "ce_adv"}
+
+
+@cuda_only
+@pytest.mark.parametrize("layout", [False, True], ids=["one_process", "rows_of_a_global_batch"])
+def test_a_training_step_with_dropout_runs_without_host_sync(synthetic, layout):
+    """Dropout on (cascla_ext.nn.dropout): its masks drawn on the GPU, also
+    for a global batch of which the batch is every second row (sliced, no
+    index read back), and the encoder's own attention in training."""
+    torch.manual_seed(0)
+    model = CaSCLA(small_config(synthetic, dropout=0.3, label_dropout=0.2), synthetic.label_names).to("cuda")
+    batch = training_batch(synthetic, "cuda")
+    if layout:
+        longest = max(len(d) for d in synthetic.split("train")[:4]) + 3
+        batch = dataclasses.replace(batch, global_layout=GlobalLayout(slice(1, 8, 2), 8, longest))
+    train_step(model.train(), batch)  # warm-up
     model.zero_grad(set_to_none=True)
     with no_host_sync():
         out = train_step(model, batch)

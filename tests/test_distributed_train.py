@@ -4,11 +4,13 @@ run is the single-process step on the same global batch.
 Each spawned worker (gloo, CPU) builds the same model twice from one seed:
 one takes the single-process step on the whole global batch, the other is
 wrapped in DDP and takes the step on its rank's share of the batch exactly
-as ``cascla_ext.train`` does (``_rank_share``, ``global_label_counts``,
+as ``cascla_ext.train`` does (``_rank_batch``, ``global_label_counts``,
 ``_step_values``). The losses and every parameter's gradient must agree to
-1e-5 (float32). Dropout is off (its masks are drawn per rank:
-docs/distributed.md); the label-embedding dropout mask is checked to be
-the same on every rank.
+1e-5 (float32), without dropout and with it: every rank draws the global
+batch's masks from the stream one process draws them from
+(cascla_ext.nn.dropout), so the two steps see the same masks and the ranks'
+random states stay the same. The label-embedding dropout mask is checked to
+be the same on every rank.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 from cascla_ext import CaSCLA, CaSCLAConfig, collate
 from cascla_ext.distributed import global_label_counts
-from cascla_ext.train import _rank_share, _step_values
+from cascla_ext.train import _rank_batch, _step_values
 from spawn_helpers import assert_close, requires_gloo, run_distributed
 
 pytestmark = requires_gloo
@@ -43,17 +45,22 @@ def _check_step(config, names, chosen, where):
     torch.manual_seed(0)
     single = CaSCLA(config, names)
     model = copy.deepcopy(single)
+    torch.manual_seed(1)  # the dropout masks: the same stream for both steps
     out = single(collate(chosen, config.modalities), grad_norms=True)
     out.loss.backward()
+    after = torch.get_rng_state()
 
     model.distribute("global")
     net = DistributedDataParallel(model)  # as train() with the global scope
-    batch = collate(_rank_share(chosen), config.modalities)
+    batch = _rank_batch(chosen, config.modalities)
     counts = global_label_counts(batch.labels, batch.mask, config.num_classes)
+    torch.manual_seed(1)
     dout = net(batch, grad_norms=True, label_counts=counts)
     dout.loss.backward()
     for p in dout.no_grad:  # as train()
         p.grad = None
+    # Every rank drew what one process draws: the streams are where its is.
+    assert torch.equal(torch.get_rng_state(), after), f"{where}: random state"
 
     values = _step_values(dout, config, dist.get_world_size())
     assert set(values) == {"loss", *out.losses}, f"{where}: terms {set(values)} vs {set(out.losses)}"
@@ -105,13 +112,22 @@ def _hide_labels(d, keep: int):
     return dataclasses.replace(d, labels=labels)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_scla": False}, {"use_ast": False}, {"use_causal": False}],
-                         ids=["full", "no_scla", "no_ast", "no_causal"])
+DROPOUT = {"dropout": 0.3, "label_dropout": 0.2}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_scla": False}, {"use_ast": False}, {"use_causal": False},
+                                       DROPOUT, {**DROPOUT, "use_causal": False}],
+                         ids=["full", "no_scla", "no_ast", "no_causal", "dropout", "dropout_no_causal"])
 def test_two_rank_step_equals_single_process_step(synthetic, overrides):
-    """AST, the textual view and SCLA on (and each ablation): 2 ranks with
-    shares of 3 and 2 dialogues; and 3 dialogues of very different lengths."""
+    """AST, the textual view and SCLA on (and each ablation; with dropout on
+    the features and the label embeddings): 2 ranks with shares of 3 and 2
+    dialogues; 3 dialogues of very different lengths (rank 1's one is
+    shorter than the global batch's longest, rank 0's two shorter in the
+    last layout)."""
     train = synthetic.split("train")
-    layouts = [train[:5], train[10:13]]
+    layouts = [train[:5], train[10:13], [train[28], train[29], train[26]]]
+    assert [max(map(len, x[::2])) < max(map(len, x)) for x in layouts[1:]] == [False, True]
+    assert max(map(len, layouts[1][1::2])) < max(map(len, layouts[1]))
     run_distributed(_step_worker, 2, _meta(synthetic), overrides, layouts, timeout=120)
 
 
@@ -119,10 +135,14 @@ def test_two_rank_step_edge_cases(synthetic):
     """A rank without a dialogue (a last batch of one), a rank without a
     labelled utterance, one labelled utterance over both ranks (no SCLA term:
     its parameters get no gradient), the weighted and focal classifier
-    losses (global denominators) and the literal SCLA scale."""
+    losses (global denominators) and the literal SCLA scale; the first two
+    with dropout too (the rank without a dialogue draws the global masks
+    and uses none of them)."""
     train = synthetic.split("train")
     cases = [
         ({}, train[20:21], "one dialogue"),
+        (DROPOUT, train[20:21], "one dialogue, dropout"),
+        (DROPOUT, [train[21], _hide_labels(train[22], 0)], "rank 1 unlabelled, dropout"),
         ({}, [train[21], _hide_labels(train[22], 0)], "rank 1 unlabelled"),
         ({}, [_hide_labels(train[23], 1), _hide_labels(train[24], 0)], "one labelled utterance"),
         ({"classifier_loss": "weighted_ce"}, train[25:30], "weighted_ce"),

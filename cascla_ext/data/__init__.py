@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, collate
+from .batch import CLUE_RELATIONS, MODALITIES, MODALITY_NAMES, Batch, Dialogue, GlobalLayout, collate
 from .corpus import Corpus, feature_widths
 from .prepare import FeatureOptions, prepare_corpus, prepare_dialogues
 from .raw import DataError, RawCorpus, RawDialogue
@@ -14,8 +14,8 @@ from .synthetic import make_synthetic
 
 __all__ = [
     "CLUE_RELATIONS", "DATASETS", "MODALITIES", "MODALITY_NAMES", "Batch", "Corpus", "DataError", "DataSpec",
-    "Dialogue", "FeatureOptions", "RawCorpus", "RawDialogue", "collate", "feature_widths", "load_dataset",
-    "make_synthetic", "prepare_corpus", "prepare_dialogues",
+    "Dialogue", "FeatureOptions", "GlobalLayout", "RawCorpus", "RawDialogue", "collate", "feature_widths",
+    "load_dataset", "make_synthetic", "prepare_corpus", "prepare_dialogues",
 ]
 
 #: ``synthetic`` is built in; the others are read from ``data_dir`` (docs/data-formats.md).

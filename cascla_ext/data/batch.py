@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,17 @@ class Dialogue:
             raise ValueError(f"dialogue {self.id}: clues have shape {self.clues.shape}, expected ({n}, 6, d_c)")
 
 
+class GlobalLayout(NamedTuple):
+    """Where a rank's batch sits in the global batch of a distributed step:
+    its dialogues are rows ``rows`` of the global batch of ``size``
+    dialogues, which pads to ``length`` utterances. Dropout draws the global
+    batch's masks and keeps these rows (:mod:`cascla_ext.nn.dropout`)."""
+
+    rows: slice
+    size: int
+    length: int
+
+
 @dataclass
 class Batch:
     """B dialogues padded to T utterances.
@@ -67,6 +79,11 @@ class Batch:
     ``int(valid.sum())`` would be host syncs). None: the model derives the
     selection itself. Whoever changes ``labels`` or ``mask`` of a batch that
     has one must drop it (``dataclasses.replace(batch, valid_index=None)``).
+
+    global_layout: in a distributed training step, where this rank's
+    dialogues sit in the global batch (:class:`GlobalLayout`, set by the
+    training loop), so that dropout draws the global batch's masks; None:
+    the batch is the global batch. A batch with other rows must drop it.
     """
 
     features: dict[str, Tensor]
@@ -77,6 +94,7 @@ class Batch:
     labels: Tensor | None = None
     ids: list[str] = field(default_factory=list)
     valid_index: Tensor | None = None
+    global_layout: GlobalLayout | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         index = self.valid_index

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .dropout import BatchDropout
+
 __all__ = ["CausalInteraction", "causal_masks"]
 
 
@@ -74,7 +76,7 @@ class CausalInteraction(nn.Module):
         self.intra = _Step(d_context, d_hidden or d_context // 2)
         self.inter = _Step(d_context, d_hidden or d_context // 2)
         self.out = nn.Linear(3 * d_context, d_out)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = BatchDropout(dropout)
 
     def forward(self, h: Tensor, clue_intra: Tensor, clue_inter: Tensor, speakers: Tensor,
                 mask: Tensor) -> Tensor:

@@ -11,12 +11,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops, reference
 from ._backend import OpBackend
+from .dropout import batch_dropout
 
 __all__ = ["PerturbedGRU"]
 
@@ -215,7 +215,7 @@ class PerturbedGRU(OpBackend, nn.Module):
                 h_n.append(h)
             layer_in = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
             if self.dropout and self.training and layer < L - 1:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
+                layer_in = batch_dropout(layer_in, self.dropout, batch_dim=1, time_dims=(0,))  # (T, B, .)
         out, h_n = layer_in, torch.stack(h_n)
 
         if packed:
