@@ -116,11 +116,14 @@ DROPOUT = {"dropout": 0.3, "label_dropout": 0.2}
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_scla": False}, {"use_ast": False}, {"use_causal": False},
-                                       DROPOUT, {**DROPOUT, "use_causal": False}],
-                         ids=["full", "no_scla", "no_ast", "no_causal", "dropout", "dropout_no_causal"])
+                                       DROPOUT, {**DROPOUT, "use_causal": False},
+                                       {**DROPOUT, "ast_norm": "weights", "epsilon": 0.05}],
+                         ids=["full", "no_scla", "no_ast", "no_causal", "dropout", "dropout_no_causal",
+                              "ast_on_weights"])
 def test_two_rank_step_equals_single_process_step(synthetic, overrides):
     """AST, the textual view and SCLA on (and each ablation; with dropout on
-    the features and the label embeddings): 2 ranks with shares of 3 and 2
+    the features and the label embeddings; with AST on the GRU's input
+    weights, whose gradient sums over every rank): 2 ranks with shares of 3 and 2
     dialogues; 3 dialogues of very different lengths (rank 1's one is
     shorter than the global batch's longest, rank 0's two shorter in the
     last layout)."""
