@@ -87,6 +87,9 @@ VARIANTS = {
     # SACL's reading: FGM on the GRU's input weights (ast_norm "weights").
     "AST: on the GRU input weights, epsilon 0.05": {"ast_norm": "weights", "epsilon": 0.05},
     "AST: on the GRU input weights, epsilon 0.2": {"ast_norm": "weights", "epsilon": 0.2},
+    # The adversarial pass without its perturbation: what AST's extra pass
+    # and cross-entropy do on their own.
+    "AST: epsilon 0 (the pass unperturbed)": {"epsilon": 0.0},
 }
 #: The paper's Table 5 (``--study batch-size``): the contrastive term at
 #: batch sizes of 4 to 32 dialogues, everything else at the defaults.
