@@ -221,7 +221,7 @@ def _media_options(args, stored: dict | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AST_NORMS, CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
+    from .config import AST_CE, AST_NORMS, CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
     from .data import DATASETS
     from .train import DECISION_BIAS_SCORES
 
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "GRU's input weights (SACL's FGM reading; use a small epsilon, e.g. 0.05)")
     t.add_argument("--ast-weight", type=_nonnegative_float, default=None,
                    help="weight of the adversarial cross-entropy in the objective (default 1, the paper's)")
+    t.add_argument("--ast-ce", choices=AST_CE, default=None,
+                   help="sum: clean + adversarial cross-entropy (Eq. 21, default); mean: their weighted mean, so "
+                        "the classifier's loss weighs 1 with AST on as off")
     t.add_argument("--no-causal", action="store_true", help="ablation: no causal-aware interaction")
     t.add_argument("--gamma", type=_nonnegative_float, default=None,
                    help="SCLA class-weight exponent (paper: 0.5, 1.0 or 1.5)")
@@ -562,7 +565,7 @@ def _model_flags(args, file) -> dict:
         out["use_causal"] = not args.no_causal
     if args.reference_ops or not file:
         out["ops_backend"] = "reference" if args.reference_ops else "fused"
-    for name in ("gamma", "scla_weight", "scla_normalization", "epsilon", "ast_norm", "ast_weight",
+    for name in ("gamma", "scla_weight", "scla_normalization", "epsilon", "ast_norm", "ast_weight", "ast_ce",
                  "classifier_loss"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)

@@ -14,6 +14,8 @@ from .modalities import MODALITIES
 CLASSIFIER_LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted")
 #: Where the adversarial perturbation's norm epsilon is taken (``CaSCLAConfig.ast_norm``).
 AST_NORMS = ("dialogue", "utterance", "weights")
+#: How the adversarial cross-entropy joins the clean one (``CaSCLAConfig.ast_ce``).
+AST_CE = ("sum", "mean")
 #: The contrastive losses ``CaSCLAConfig.contrastive`` may name.
 CONTRASTIVE_LOSSES = ("scla", "supcon", "spcl")
 
@@ -58,10 +60,14 @@ class CaSCLAConfig:
     # one change of the weights for the whole batch and every step (so a much
     # smaller epsilon than the other two: ||rho_t|| grows with ||x_t||);
     # ast_weight is the weight of the adversarial cross-entropy in Eq. 21
-    # (paper: 1).
+    # (paper: 1). ast_ce: "sum" adds it to the clean one (Eq. 21 as written:
+    # with AST on, the classifier's loss weighs 1 + ast_weight against the
+    # contrastive term's lambda), "mean" averages the two, (CE + w CE_adv) /
+    # (1 + w), so that switching AST on leaves the classifier's weight at 1.
     epsilon: float = 1.0
     ast_norm: str = "dialogue"
     ast_weight: float = 1.0
+    ast_ce: str = "sum"
     # SCLA (Eqs. 10-18) and the objective (Eq. 21)
     alpha: float = 2.0
     beta: float = 0.5
@@ -165,6 +171,8 @@ class CaSCLAConfig:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ast_norm not in AST_NORMS:
             fail(f"ast_norm must be one of {', '.join(AST_NORMS)}, got {self.ast_norm!r}")
+        if self.ast_ce not in AST_CE:
+            fail(f"ast_ce must be one of {', '.join(AST_CE)}, got {self.ast_ce!r}")
         if self.ast_weight < 0:
             fail(f"ast_weight must be >= 0, got {self.ast_weight}")
         if self.contrastive not in CONTRASTIVE_LOSSES:

@@ -363,6 +363,8 @@ class CaSCLA(nn.Module):
             f_aug = torch.stack([pick(v) for v in views]) if views else None
             out.losses[cfg.contrastive] = self.scla(pick(f), pick(labels), f_aug)
         weights = {"ce": 1.0, cfg.contrastive: cfg.scla_weight, "ce_adv": cfg.ast_weight}
+        if cfg.ast_ce == "mean" and "ce_adv" in out.losses:  # the classifier's two terms weigh 1 together
+            weights["ce"], weights["ce_adv"] = 1.0 / (1.0 + cfg.ast_weight), cfg.ast_weight / (1.0 + cfg.ast_weight)
         out.loss = sum(weights[k] * v for k, v in out.losses.items())
         if spread and self.distributed_scope == "global" and cfg.use_scla and cfg.contrastive not in out.losses:
             # No contrastive term on any rank (fewer than 2 labelled utterances

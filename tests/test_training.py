@@ -162,6 +162,25 @@ def test_ast_weight_scales_the_adversarial_term(synthetic):
     assert torch.allclose(l1 - l2, 0.75 * t1["ce_adv"], rtol=1e-4)
 
 
+def test_ast_ce_mean_keeps_the_classifier_weight_at_one(synthetic):
+    """ast_ce="mean": loss = (ce + w ce_adv) / (1 + w) + lambda scla, against
+    Eq. 21's sum; the terms themselves are the same."""
+    batch = collate(synthetic.split("train")[:3])
+    outs = {}
+    for mode in ("sum", "mean"):
+        torch.manual_seed(0)
+        model = CaSCLA(small_config(synthetic, ast_ce=mode, ast_weight=0.5, dropout=0.0, label_dropout=0.0),
+                       synthetic.label_names).train()
+        outs[mode] = model(batch)
+    t = outs["sum"].losses
+    assert all(torch.allclose(t[k], outs["mean"].losses[k]) for k in t)
+    lam = small_config(synthetic).scla_weight
+    assert torch.allclose(outs["sum"].loss, t["ce"] + 0.5 * t["ce_adv"] + lam * t["scla"], rtol=1e-5)
+    assert torch.allclose(outs["mean"].loss, (t["ce"] + 0.5 * t["ce_adv"]) / 1.5 + lam * t["scla"], rtol=1e-5)
+    with pytest.raises(ValueError, match="ast_ce must be one of sum, mean"):
+        small_config(synthetic, ast_ce="avg").validate()
+
+
 def test_on_epoch_sees_each_record_and_can_stop_the_run(tmp_path, synthetic):
     seen = []
 

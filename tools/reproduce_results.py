@@ -90,6 +90,9 @@ VARIANTS = {
     # The adversarial pass without its perturbation: what AST's extra pass
     # and cross-entropy do on their own.
     "AST: epsilon 0 (the pass unperturbed)": {"epsilon": 0.0},
+    # The clean and adversarial cross-entropies averaged (ast_ce "mean"),
+    # not summed: the classifier's loss weighs 1 as without AST.
+    "AST: cross-entropies averaged": {"ast_ce": "mean"},
 }
 #: The paper's Table 5 (``--study batch-size``): the contrastive term at
 #: batch sizes of 4 to 32 dialogues, everything else at the defaults.
