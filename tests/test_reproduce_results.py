@@ -122,3 +122,23 @@ def test_a_run_another_row_finished_with_the_same_settings_is_copied(tmp_path):
     assert tool.finished(dst, key) and (dst / "model.pt").read_bytes() == b"weights"
     assert not (dst / "last.pt").exists() and not (dst / "metrics.json").exists()
     assert not dst.with_name(dst.name + ".copy").exists()
+
+
+def test_earlier_rows_keep_their_seeds(tmp_path):
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        tool = importlib.import_module("reproduce_results")
+    finally:
+        _sys.path.remove(str(ROOT / "tools"))
+    path = tmp_path / "rows.json"
+    assert tool.earlier_rows(path) == {}  # none yet
+    path.write_text(json.dumps({"meta": {"seeds": [0, 1, 2, 3, 4]},
+                                "rows": {"old": {"weighted_f1": [0.5, 0.0]},
+                                         "new": {"weighted_f1": [0.6, 0.0], "seeds": [0, 1]}}}))
+    assert tool.earlier_rows(path) == {"old": {"seeds": [0, 1, 2, 3, 4], "weighted_f1": [0.5, 0.0]},
+                                       "new": {"seeds": [0, 1], "weighted_f1": [0.6, 0.0]}}
+    path.write_text("{not json")
+    assert tool.earlier_rows(path) == {}

@@ -305,6 +305,16 @@ def logistic_regression(corpus, seeds) -> dict:
     return summarise_scores([r["scores"] for r in runs], corpus.label_names) | {"runs": runs}
 
 
+def earlier_rows(path: Path) -> dict:
+    """The rows of an earlier rows.json (or batch_size.json), each with its
+    seeds: a row written before rows recorded them ran on its table's."""
+    try:
+        earlier = json.loads(path.read_text())
+        return {k: {"seeds": earlier["meta"]["seeds"], **v} for k, v in earlier["rows"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str], study: bool = False) -> None:
     """Every row of one table: features (and the fine-tune) once here, the
     training runs in worker processes, then rows.json."""
@@ -349,10 +359,7 @@ def run_group(args, features: str, ds: str, seeds: list[int], wanted: list[str],
     # Rows of earlier invocations that this one did not ask for stay, with
     # their own seeds (each row records them).
     out_file = Path(args.out) / features / ds / ("batch_size.json" if study else "rows.json")
-    try:
-        kept = json.loads(out_file.read_text())["rows"]
-    except (OSError, ValueError, KeyError):
-        kept = {}
+    kept = earlier_rows(out_file)
     rows = {}
     for variant in wanted:
         config = make_config(corpus, variant, ds, features)
