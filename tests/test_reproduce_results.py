@@ -29,6 +29,17 @@ def _rows(out: Path, features: str, ds: str, finetune_epochs=None) -> None:
     (out / features / ds / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}))
 
 
+def _tool():
+    """tools/reproduce_results.py as a module."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return importlib.import_module("reproduce_results")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
 def _run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, check=False,
                           timeout=120)
@@ -78,15 +89,7 @@ def test_the_batch_size_study_is_the_papers_table_5(tmp_path):
 
 
 def test_a_field_added_later_at_its_default_keeps_a_run_finished():
-    sys_path = str(ROOT / "tools")
-    import importlib
-    import sys as _sys
-
-    _sys.path.insert(0, sys_path)
-    try:
-        tool = importlib.import_module("reproduce_results")
-    finally:
-        _sys.path.remove(sys_path)
+    tool = _tool()
     key = {"config": {"d_model": 8, "ast_norm": "dialogue"}, "settings": {"lr": 0.001, "patience": None}}
     old = {"config": {"d_model": 8}, "settings": {"lr": 0.001}}  # written before ast_norm/patience existed
     assert tool.same_run(old, key)
@@ -97,14 +100,8 @@ def test_a_field_added_later_at_its_default_keeps_a_run_finished():
 
 def test_a_run_another_row_finished_with_the_same_settings_is_copied(tmp_path):
     import argparse
-    import importlib
-    import sys as _sys
 
-    _sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        tool = importlib.import_module("reproduce_results")
-    finally:
-        _sys.path.remove(str(ROOT / "tools"))
+    tool = _tool()
     args = argparse.Namespace(out=str(tmp_path))
     key = {"config": {"d_model": 8}, "settings": {"lr": 0.001, "batch_size": 16}}
     src = tool.run_dir(args, "finetuned", "meld", "CaSCLA (defaults)", 0)
@@ -125,14 +122,7 @@ def test_a_run_another_row_finished_with_the_same_settings_is_copied(tmp_path):
 
 
 def test_earlier_rows_keep_their_seeds(tmp_path):
-    import importlib
-    import sys as _sys
-
-    _sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        tool = importlib.import_module("reproduce_results")
-    finally:
-        _sys.path.remove(str(ROOT / "tools"))
+    tool = _tool()
     path = tmp_path / "rows.json"
     assert tool.earlier_rows(path) == {}  # none yet
     path.write_text(json.dumps({"meta": {"seeds": [0, 1, 2, 3, 4]},
