@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "GRU's input weights (SACL's FGM reading; use a small epsilon, e.g. 0.05)")
     t.add_argument("--ast-weight", type=_nonnegative_float, default=None,
                    help="weight of the adversarial cross-entropy in the objective (default 1, the paper's)")
+    t.add_argument("--no-ast-view", action="store_true",
+                   help="AST without its features as an extra positive view of the contrastive term (its "
+                        "cross-entropy only)")
     t.add_argument("--ast-ce", choices=AST_CE, default=None,
                    help="sum: clean + adversarial cross-entropy (Eq. 21, default); mean: their weighted mean, so "
                         "the classifier's loss weighs 1 with AST on as off")
@@ -561,6 +564,8 @@ def _model_flags(args, file) -> dict:
         out["use_scla"] = True
     if args.no_ast or not file:
         out["use_ast"] = not args.no_ast
+    if args.no_ast_view:
+        out["ast_view"] = False
     if args.no_causal or not file:
         out["use_causal"] = not args.no_causal
     if args.reference_ops or not file:

@@ -102,6 +102,10 @@ class CaSCLAConfig:
     contrastive: str = "scla"
     contrastive_temperature: float = 0.1
     use_ast: bool = True
+    # Whether the adversarial features are also an extra positive view of
+    # the contrastive term (the paper's Eq. 17: yes); False keeps AST to its
+    # cross-entropy.
+    ast_view: bool = True
     use_causal: bool = True
     use_text_augmentation: bool = True
     # "fused" (C++/CUDA ops) or "reference" (pure-PyTorch twins, for debugging)

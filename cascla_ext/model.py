@@ -349,7 +349,8 @@ class CaSCLA(nn.Module):
             out.perturbation = rho_adv
             f_adv = self._context_to_features(x, batch, rho_adv, prepared)
             out.losses["ce_adv"] = self._ce(f_adv, labels, pick, counts)
-            views.append(f_adv)
+            if cfg.ast_view:
+                views.append(f_adv)
         # The SCLA loss contrasts samples with each other: it needs M >= 2
         # (MELD has one-utterance dialogues, so a batch of one has M = 1). With
         # fewer the batch trains on the cross-entropy terms alone, and

@@ -181,6 +181,20 @@ def test_ast_ce_mean_keeps_the_classifier_weight_at_one(synthetic):
         small_config(synthetic, ast_ce="avg").validate()
 
 
+def test_ast_view_off_keeps_the_adversarial_features_out_of_the_contrastive_term(synthetic):
+    """ast_view=False: the SCLA term is the one without AST (no extra view),
+    the adversarial cross-entropy is still there."""
+    batch = collate(synthetic.split("train")[:3])
+    outs = {}
+    for name, extra in (("no_view", {"ast_view": False}), ("no_ast", {"use_ast": False}), ("view", {})):
+        torch.manual_seed(0)
+        cfg = small_config(synthetic, dropout=0.0, label_dropout=0.0, use_text_augmentation=False, **extra)
+        outs[name] = CaSCLA(cfg, synthetic.label_names).train()(batch)
+    assert torch.allclose(outs["no_view"].losses["scla"], outs["no_ast"].losses["scla"])
+    assert not torch.allclose(outs["view"].losses["scla"], outs["no_ast"].losses["scla"])
+    assert "ce_adv" in outs["no_view"].losses
+
+
 def test_on_epoch_sees_each_record_and_can_stop_the_run(tmp_path, synthetic):
     seen = []
 

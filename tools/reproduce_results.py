@@ -93,6 +93,7 @@ VARIANTS = {
     # The clean and adversarial cross-entropies averaged (ast_ce "mean"),
     # not summed: the classifier's loss weighs 1 as without AST.
     "AST: cross-entropies averaged": {"ast_ce": "mean"},
+    "AST: cross-entropies averaged, not a contrastive view": {"ast_ce": "mean", "ast_view": False},
 }
 #: The paper's Table 5 (``--study batch-size``): the contrastive term at
 #: batch sizes of 4 to 32 dialogues, everything else at the defaults.
