@@ -184,27 +184,39 @@ class CaSCLA(nn.Module):
             return self.head(h)
         return self.interaction.apply_prepared(h, prepared)
 
-    def _weight_perturbation(self, x: Tensor, grads: tuple[Tensor, ...], mask: Tensor, spread: bool
-                             ) -> list[Tensor]:
-        """AST with ``ast_norm="weights"`` (SACL's FGM on the GRU's input
-        weights): rho sits on the gates' input side (W_ih x + b_ih + rho), so
-        the clean loss's gradient at W_ih and b_ih of a direction is
-        sum_{b,t} g[b,t] x[b,t]^T and sum_{b,t} g[b,t] (g: its gradient at
-        rho); each is scaled to norm epsilon (per tensor, as FGM does) and the
-        perturbation of the weights is applied as rho = dW x + db. In a
-        distributed run the sums are over all ranks (one all-reduce each), so
-        the change of the weights is the single-process one."""
-        eps = self.config.epsilon
+    def _adversarial_perturbation(self, x: Tensor, grads: tuple[Tensor, ...], mask: Tensor, spread: bool
+                                  ) -> list[Tensor]:
+        """Eq. 20: rho_adv per GRU direction from ``grads``, the clean loss's
+        gradient at its gate perturbation (B, T, 3H), scaled to norm epsilon
+        where ``config.ast_norm`` says:
+
+        - ``dialogue`` (the paper's): over each dialogue and direction;
+        - ``utterance``: over each utterance, long dialogues alike;
+        - ``weights`` (SACL's FGM on the GRU's input weights): rho sits on the
+          gates' input side (W_ih x + b_ih + rho), so the gradient at W_ih and
+          b_ih is sum_{b,t} g[b,t] x[b,t]^T and sum_{b,t} g[b,t]; each is
+          scaled to norm epsilon (per tensor, as FGM does) and the change of
+          the weights is applied as rho = dW x + db. In a distributed run the
+          sums are over all ranks (``spread``: one all-reduce each), so the
+          change is the single-process one."""
+        eps, reading = self.config.epsilon, self.config.ast_norm
         out = []
         for g in grads:
             g = g.detach()
-            g_w = torch.einsum("btg,btx->gx", g, x)
-            g_b = g.sum(dim=(0, 1))
-            if spread:
-                g_w, g_b = all_reduce_sum(g_w), all_reduce_sum(g_b)
-            d_w = eps * g_w / g_w.norm().clamp_min(1e-12)
-            d_b = eps * g_b / g_b.norm().clamp_min(1e-12)
-            out.append((x @ d_w.T + d_b) * mask.unsqueeze(-1).to(x.dtype))
+            if reading == "weights":
+                g_w = torch.einsum("btg,btx->gx", g, x)
+                g_b = g.sum(dim=(0, 1))
+                if spread:
+                    g_w, g_b = all_reduce_sum(g_w), all_reduce_sum(g_b)
+                d_w = eps * g_w / g_w.norm().clamp_min(1e-12)
+                d_b = eps * g_b / g_b.norm().clamp_min(1e-12)
+                out.append((x @ d_w.T + d_b) * mask.unsqueeze(-1).to(x.dtype))
+                continue
+            if reading == "utterance":
+                norm = g.norm(dim=2, keepdim=True).clamp_min(1e-12)
+            else:
+                norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+            out.append(eps * g / norm)
         return out
 
     def _ce(self, f: Tensor, labels: Tensor, pick, counts: Tensor | None = None) -> Tensor:
@@ -334,18 +346,9 @@ class CaSCLA(nn.Module):
         views = []
         if use_ast:
             # Eq. 20: the gate perturbation that increases the clean loss most,
-            # with L2 norm epsilon per dialogue and direction.
+            # with L2 norm epsilon where config.ast_norm says (_adversarial_perturbation).
             grads = torch.autograd.grad(ce, rho, retain_graph=True)
-            if cfg.ast_norm == "weights":
-                rho_adv = self._weight_perturbation(x.detach(), grads, mask, spread)
-            else:
-                rho_adv = []
-                for g in grads:
-                    if cfg.ast_norm == "utterance":  # epsilon per utterance (B, T, 1): long dialogues alike
-                        norm = g.norm(dim=2, keepdim=True).clamp_min(1e-12)
-                    else:  # the paper's: epsilon per dialogue and direction
-                        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-                    rho_adv.append((cfg.epsilon * g / norm).detach())
+            rho_adv = self._adversarial_perturbation(x.detach(), grads, mask, spread)
             out.perturbation = rho_adv
             f_adv = self._context_to_features(x, batch, rho_adv, prepared)
             out.losses["ce_adv"] = self._ce(f_adv, labels, pick, counts)
