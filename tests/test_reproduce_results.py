@@ -61,6 +61,29 @@ def test_page_from_finished_rows_keeps_the_discussion(tmp_path):
     assert "| Logistic regression (context-free) | 40.00 ± 0.00 |" in text
 
 
+def test_a_table_whose_raw_numbers_are_elsewhere_is_kept_as_it_was(tmp_path):
+    """Raw runs live on the machine that ran them: rebuilding the page after
+    rerunning one table keeps the others (and the batch-size table) verbatim
+    and replaces the rerun one."""
+    out, doc = tmp_path / "runs", tmp_path / "results.md"
+    _rows(out, "finetuned", "iemocap", finetune_epochs=2)
+    old_meld = ("### MELD validation (1109 utterances), frozen encoder, seeds 0, 1, 2; tuned preset, 10 epochs\n\n"
+                "| model | weighted F1 |\n| --- | --- |\n| CaSCLA (defaults) | 51.62 ± 0.95 |")
+    old_study = ("### Batch size (the paper's Table 5): MELD validation weighted F1, fine-tuned encoder, seeds 0\n\n"
+                 "| contrastive term | batch 4 |\n| --- | --- |\n| SCLA | 56.45 ± 0.57 |")
+    doc.write_text("# Results\n\nold protocol\n\n" + old_meld + "\n\n### IEMOCAP validation (647 utterances), "
+                   "encoder fine-tuned for 2 epochs, seeds 0\n\n| model |\n| --- |\n| stale row |\n\n"
+                   + old_study + "\n\n## Discussion\n\nWhat reproduces.\n")
+    r = _run("--doc-only", "--out", out, "--doc", doc)
+    assert r.returncode == 0, r.stderr
+    text = doc.read_text()
+    assert old_meld in text and old_study in text and "stale row" not in text and "old protocol" not in text
+    assert "### IEMOCAP validation (10 utterances), encoder fine-tuned for 2 epochs, seeds 0, 1" in text
+    # the page's order: frozen tables, fine-tuned tables, then the batch-size study, then the discussion
+    assert text.index(old_meld) < text.index("### IEMOCAP validation (10") < text.index(old_study)
+    assert text.rstrip().endswith("What reproduces.")
+
+
 def test_bad_arguments_and_no_results_fail_clearly(tmp_path):
     r = _run("--doc-only", "--out", tmp_path / "nothing", "--doc", tmp_path / "r.md")
     assert r.returncode != 0 and "no results under" in r.stderr and not (tmp_path / "r.md").exists()

@@ -418,6 +418,32 @@ def study_table(found: dict, features: str, ds: str) -> str:
     return "\n".join(lines)
 
 
+def section_key(title: str) -> tuple[str, str, str] | None:
+    """(kind, features, dataset) of a table's ``### `` title line on the page:
+    kind ``rows`` or ``batch_size``; None for a title this tool does not write."""
+    ds = "meld" if "MELD" in title else ("iemocap" if "IEMOCAP" in title else None)
+    features = "frozen" if "frozen encoder" in title else ("finetuned" if "fine-tuned" in title else None)
+    if ds is None or features is None:
+        return None
+    return ("batch_size" if title.startswith("### Batch size") else "rows", features, ds)
+
+
+def earlier_tables(doc_path: Path) -> dict:
+    """The tables of the page as it stands, by :func:`section_key`: a table
+    whose raw numbers are not under ``--out`` (another machine ran it) is kept
+    as it was rather than dropped."""
+    if not doc_path.is_file():
+        return {}
+    text = doc_path.read_text().split("\n## Discussion", 1)[0]
+    kept = {}
+    for block in text.split("\n### ")[1:]:
+        block = "### " + block.strip("\n")
+        key = section_key(block.splitlines()[0])
+        if key is not None:
+            kept[key] = block
+    return kept
+
+
 def write_doc(args) -> None:
     found = {}
     for features in FEATURES:
@@ -427,6 +453,8 @@ def write_doc(args) -> None:
                 found[(features, ds)] = json.loads(path.read_text())
     if not found:
         raise SystemExit(f"no results under {args.out}: run the experiments first")
+    doc_path = Path(args.doc)
+    kept = earlier_tables(doc_path)
     any_meta = next(iter(found.values()))["meta"]
     doc = [
         "# Results on real dialogues",
@@ -453,25 +481,35 @@ def write_doc(args) -> None:
         "features, one utterance at a time.",
         "",
     ]
-    for (features, ds), r in found.items():
-        meta = r["meta"]
-        how = ("frozen encoder" if features == "frozen"
-               else f"encoder fine-tuned for {meta['finetune_epochs']} epochs")
-        title = (f"### {'MELD' if ds == 'meld' else 'IEMOCAP'} validation ({meta['n_val']} utterances), "
-                 f"{how}, seeds {', '.join(map(str, meta['seeds']))}; {meta.get('preset', 'base')} preset, "
-                 f"{meta['epochs']} epochs, batches of {meta.get('batch_size', BATCH[ds])}, "
-                 f"lr {meta.get('lr', 1e-3):g}")
-        doc += [table(title, r["rows"], meta["label_names"], meta["seeds"]), ""]
+    for features in FEATURES:
+        for ds in DATA:
+            if (features, ds) in found:
+                doc += [rows_table(found[(features, ds)], features, ds), ""]
+            elif ("rows", features, ds) in kept:
+                doc += [kept[("rows", features, ds)], ""]
     for features in FEATURES:
         for ds in DATA:
             path = Path(args.out) / features / ds / "batch_size.json"
             if path.is_file():
                 doc += [study_table(json.loads(path.read_text()), features, ds), ""]
-    doc_path = Path(args.doc)
+            elif ("batch_size", features, ds) in kept:
+                doc += [kept[("batch_size", features, ds)], ""]
     if doc_path.is_file() and "\n## Discussion" in doc_path.read_text():  # keep the hand-written part
         doc += ["## Discussion" + doc_path.read_text().split("\n## Discussion", 1)[1].rstrip("\n")]
     atomic_write(doc_path, lambda fh: fh.write("\n".join(doc) + "\n"))
     print(f"wrote {args.doc}")
+
+
+def rows_table(r: dict, features: str, ds: str) -> str:
+    """One dataset's table (a rows.json) with its title."""
+    meta = r["meta"]
+    how = ("frozen encoder" if features == "frozen"
+           else f"encoder fine-tuned for {meta['finetune_epochs']} epochs")
+    title = (f"### {'MELD' if ds == 'meld' else 'IEMOCAP'} validation ({meta['n_val']} utterances), "
+             f"{how}, seeds {', '.join(map(str, meta['seeds']))}; {meta.get('preset', 'base')} preset, "
+             f"{meta['epochs']} epochs, batches of {meta.get('batch_size', BATCH[ds])}, "
+             f"lr {meta.get('lr', 1e-3):g}")
+    return table(title, r["rows"], meta["label_names"], meta["seeds"])
 
 
 def main() -> int:
