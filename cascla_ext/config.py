@@ -142,6 +142,10 @@ class CaSCLAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(f"{name} must be an integer, got {value!r}")
+        for name in (f.name for f in dataclasses.fields(self) if f.type in (bool, "bool")):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # a 0/1 or a "false" from a hand-written file would pass as truthy
+                fail(f"{name} must be true or false, got {value!r}")
         if not self.modalities:
             fail("modalities must be a non-empty subset of t, a, v")
         for m in self.modalities:

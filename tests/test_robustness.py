@@ -90,6 +90,14 @@ def test_a_short_last_batch_trains(tmp_path, synthetic):
 
 
 # =========================================================================== diverged runs
+@pytest.mark.parametrize("field,value", [("use_ast", 0), ("use_scla", "false"), ("ast_view", None),
+                                         ("use_causal", 1.0), ("use_text_augmentation", "no")])
+def test_config_rejects_switches_that_are_not_booleans(field, value):
+    """A hand-written config's "false" is truthy: a switch must be a real bool."""
+    with pytest.raises(ValueError, match=f"CaSCLAConfig: {field} must be true or false, got {value!r}"):
+        CaSCLAConfig.small(**{field: value})
+
+
 @pytest.mark.parametrize("field,value", [("epsilon", float("nan")), ("scla_weight", float("inf")),
                                          ("alpha", float("-inf")), ("fusion_gain", float("nan")),
                                          ("eta", float("nan")), ("dropout", float("nan"))])
