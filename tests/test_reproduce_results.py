@@ -155,3 +155,40 @@ def test_earlier_rows_keep_their_seeds(tmp_path):
                                        "new": {"seeds": [0, 1], "weighted_f1": [0.6, 0.0]}}
     path.write_text("{not json")
     assert tool.earlier_rows(path) == {}
+
+
+def test_a_run_trained_with_decision_biases_becomes_the_run_without_them(tmp_path):
+    """A preset that drops its decision biases turns a finished run into the
+    plain one (the biases are fitted after training): remove_bias zeroes them
+    in the checkpoint and scores it again, as posthoc_bias does the reverse."""
+    import argparse
+    import dataclasses
+
+    import torch
+
+    from cascla_ext import CaSCLA, CaSCLAConfig
+    from cascla_ext.data import load_dataset
+    from cascla_ext.train import TrainSettings, evaluate
+
+    tool = _tool()
+    corpus = load_dataset("synthetic", holdout=0.1)
+    config = CaSCLAConfig.for_corpus(corpus, "small")
+    biased = TrainSettings(epochs=1, seed=0, select_split="holdout", decision_bias="mean_f1")
+    plain = dataclasses.replace(biased, decision_bias="none")
+    path = tool.run_dir(argparse.Namespace(out=str(tmp_path)), "frozen", "meld", "w/o SCLA", 0)
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = CaSCLA(config, corpus.label_names)
+    model.decision_bias.copy_(torch.linspace(-3, 3, config.num_classes))
+    model.save(path / "model.pt", settings={"decision_bias": "mean_f1", "seed": 0})
+    (path / "scores.json").write_text(json.dumps({"key": tool.run_key(config, biased), "best_epoch": 1,
+                                                  "seconds": 2.0, "val": evaluate(model, corpus.split("val"))}))
+    assert tool.finished(path, tool.run_key(config, biased)) and not tool.finished(path, tool.run_key(config, plain))
+    assert tool.remove_bias(corpus, config, plain, path) == 0
+    back, extra = CaSCLA.load_checkpoint(path / "model.pt")
+    assert torch.count_nonzero(back.decision_bias) == 0 and extra["settings"] == {"decision_bias": "none", "seed": 0}
+    done = tool.finished(path, tool.run_key(config, plain))
+    assert done and done["best_epoch"] == 1 and done["seconds"] == 2.0
+    model.decision_bias.zero_()
+    assert done["val"]["weighted_f1"] == evaluate(model, corpus.split("val"))["weighted_f1"]
+    assert done["holdout"]["n"] == sum(len(d.labels) for d in corpus.split("holdout"))

@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 out = {}
 # The runs trained without decision biases: MELD's "w/o decision biases" row, IEMOCAP's defaults.
 for features, ds, variant in [("finetuned", "meld", "w/o decision biases"), ("frozen", "meld", "w/o decision biases"),
-                              ("frozen", "iemocap", "CaSCLA (defaults)")]:
+                              ("frozen", "iemocap", "CaSCLA (defaults)"), ("finetuned", "iemocap", "CaSCLA (defaults)")]:
     args = argparse.Namespace(data_root=cli.data_root, cache_dir=None, quiet=True, finetune_epochs=2, out=cli.out)
     runs = sorted((rr.run_dir(args, features, ds, variant, 0).parent).glob("seed_*/model.pt"))
     if not runs:

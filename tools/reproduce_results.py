@@ -60,7 +60,7 @@ from cascla_ext.model import CaSCLA  # noqa: E402
 from cascla_ext.presets import LEARNING_RATE, tuned_path  # noqa: E402
 from cascla_ext.tune import ConfigFile, read_config_file  # noqa: E402
 from cascla_ext.train import (  # noqa: E402
-    TrainSettings, evaluate, fit_model_decision_bias, summarise_scores, train,
+    DECISION_BIAS_SCORES, TrainSettings, evaluate, fit_model_decision_bias, summarise_scores, train,
 )
 
 #: Row name -> what differs from the defaults (CaSCLAConfig fields, or the
@@ -239,6 +239,14 @@ def worker(args) -> int:
         for src in [path] + ([run_dir(args, features, ds, base, int(seed))] if base else []):
             if finished(src, plain) and (src / "model.pt").is_file():
                 return posthoc_bias(args, corpus, config, settings, path, src)
+    else:
+        # The same model trained with decision biases, finished before in this
+        # row's folder (a preset had them then): the biases are fitted after
+        # training, so the model without them is that checkpoint with them at 0.
+        for score in DECISION_BIAS_SCORES[1:]:
+            if finished(path, run_key(config, dataclasses.replace(settings, decision_bias=score))) and (
+                    path / "model.pt").is_file():
+                return remove_bias(corpus, config, settings, path)
     # corpus.spec: the data settings as load_dataset resolved them (recorded in the checkpoint)
     metrics = train(config, corpus, path, settings, overwrite=True)  # a run without scores.json did not finish: redo it
     model = CaSCLA.load(path / "model.pt")
@@ -247,6 +255,24 @@ def worker(args) -> int:
                        "seconds": metrics["total_seconds"],
                        "holdout": metrics.get("selection_scores") or metrics["epochs"][metrics["best_epoch"] - 1]["val"],
                        "val": val},
+                      path / "scores.json")
+    return 0
+
+
+def remove_bias(corpus, config, settings, path: Path) -> int:
+    """The inverse of :func:`posthoc_bias`, in place: set a finished run's
+    fitted decision biases to 0 (checkpoint rewritten atomically) and score it
+    again, as the run trained without them."""
+    model, extra = CaSCLA.load_checkpoint(path / "model.pt")
+    model.decision_bias.zero_()
+    if isinstance(extra.get("settings"), dict):
+        extra["settings"] = {**extra["settings"], "decision_bias": "none"}
+    model.save(path / "model.pt", **extra)
+    base = json.loads((path / "scores.json").read_text())
+    atomic_write_json({"key": run_key(config, settings), "best_epoch": base["best_epoch"], "seconds": base["seconds"],
+                       "holdout": evaluate(model, corpus.split("holdout"), settings.batch_size),
+                       "val": evaluate(model, corpus.split("val"), settings.batch_size),
+                       "decision_bias_removed": base.get("decision_bias", True)},
                       path / "scores.json")
     return 0
 
