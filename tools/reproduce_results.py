@@ -454,13 +454,10 @@ def section_key(title: str) -> tuple[str, str, str] | None:
     return ("batch_size" if title.startswith("### Batch size") else "rows", features, ds)
 
 
-def earlier_tables(doc_path: Path) -> dict:
-    """The tables of the page as it stands, by :func:`section_key`: a table
-    whose raw numbers are not under ``--out`` (another machine ran it) is kept
-    as it was rather than dropped."""
-    if not doc_path.is_file():
-        return {}
-    text = doc_path.read_text().split("\n## Discussion", 1)[0]
+def earlier_tables(text: str) -> dict:
+    """The tables of the page as it stands (``text``, up to its discussion),
+    by :func:`section_key`: a table whose raw numbers are not under ``--out``
+    (another machine ran it) is kept as it was rather than dropped."""
     kept = {}
     for block in text.split("\n### ")[1:]:
         block = "### " + block.strip("\n")
@@ -480,7 +477,10 @@ def write_doc(args) -> None:
     if not found:
         raise SystemExit(f"no results under {args.out}: run the experiments first")
     doc_path = Path(args.doc)
-    kept = earlier_tables(doc_path)
+    # the page as it stands: its tables (kept where no raw numbers are here) and its hand-written discussion
+    tables, has_discussion, discussion = (doc_path.read_text() if doc_path.is_file() else "").partition(
+        "\n## Discussion")
+    kept = earlier_tables(tables)
     any_meta = next(iter(found.values()))["meta"]
     doc = [
         "# Results on real dialogues",
@@ -520,8 +520,8 @@ def write_doc(args) -> None:
                 doc += [study_table(json.loads(path.read_text()), features, ds), ""]
             elif ("batch_size", features, ds) in kept:
                 doc += [kept[("batch_size", features, ds)], ""]
-    if doc_path.is_file() and "\n## Discussion" in doc_path.read_text():  # keep the hand-written part
-        doc += ["## Discussion" + doc_path.read_text().split("\n## Discussion", 1)[1].rstrip("\n")]
+    if has_discussion:  # keep the hand-written part
+        doc += ["## Discussion" + discussion.rstrip("\n")]
     atomic_write(doc_path, lambda fh: fh.write("\n".join(doc) + "\n"))
     print(f"wrote {args.doc}")
 
