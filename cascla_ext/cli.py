@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1/prior^0.5), focal (gamma 2) or logit_adjusted (Menon et al., tau 1)")
     t.add_argument("--decision-bias", choices=DECISION_BIAS_SCORES, default="none",
                    help="fit per-class decision biases on the selection split after training, "
-                        "maximising this score (default: none)")
+                        "maximising this score (default: none; minority_f1 is the mean of weighted F1 and "
+                        "the minority classes' F1)")
     t.add_argument("--scla-normalization", choices=("balanced", "literal"), default=None,
                    help="scale of the SCLA loss: balanced (class weights of mean 1, averaged over the "
                         "views; the default) or literal (Eq. 18 as written); docs/objective.md")
@@ -384,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of every trial's model and batch order, and of the sampler")
     u.add_argument("--objective", choices=OBJECTIVES, default="weighted_f1",
                    help="hold-out score to maximise, at the epoch training selects (best hold-out weighted "
-                        "F1); mean_f1 is the mean of weighted and macro F1")
+                        "F1); mean_f1 is the mean of weighted and macro F1, minority_f1 the mean of weighted "
+                        "F1 and the mean F1 of the minority classes (below half the uniform share of the "
+                        "training labels; MELD: fear, disgust, sadness; IEMOCAP: happy)")
     u.add_argument("--space", default="default", metavar="default|FILE.json",
                    help="the search space: default (lr, scla_weight, gamma, epsilon, dropout, "
                         "classifier_loss, batch_size) or a JSON file replacing it (README)")

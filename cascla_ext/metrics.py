@@ -46,12 +46,38 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -
     }
 
 
-def summary_score(result: dict, name: str) -> float:
+#: The single numbers :func:`summary_score` gives (what decision biases and ``cascla tune`` maximise).
+SUMMARY_SCORES = ("weighted_f1", "macro_f1", "mean_f1", "minority_f1", "accuracy")
+
+
+def minority_classes(prior: Sequence[float], label_names: Sequence[str]) -> tuple[str, ...]:
+    """The minority classes of a training label distribution ``prior`` (one
+    frequency per class, in label order): those below half the uniform share
+    1/K, or where no class is, the least frequent one. MELD's training split
+    gives fear, disgust and sadness; IEMOCAP's, happy."""
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.ndim != 1 or prior.shape[0] != len(label_names) or not prior.shape[0]:
+        raise ValueError(f"minority_classes: {prior.shape} frequencies for {len(label_names)} classes")
+    rare = np.flatnonzero(prior < 0.5 / prior.shape[0])
+    if not rare.size:
+        rare = np.array([int(prior.argmin())])
+    return tuple(label_names[int(i)] for i in rare)
+
+
+def summary_score(result: dict, name: str, minority: Sequence[str] | None = None) -> float:
     """One number of a :func:`scores` result: ``weighted_f1``, ``macro_f1``,
-    ``accuracy``, or ``mean_f1`` (the mean of weighted and macro F1), as
-    decision biases and ``cascla tune`` maximise them."""
+    ``accuracy``, ``mean_f1`` (the mean of weighted and macro F1) or
+    ``minority_f1`` (the mean of weighted F1 and the mean F1 of the classes
+    ``minority`` names, :func:`minority_classes`), as decision biases and
+    ``cascla tune`` maximise them."""
     if name == "mean_f1":
         return 0.5 * (result["weighted_f1"] + result["macro_f1"])
+    if name == "minority_f1":
+        if not minority:
+            raise ValueError("summary_score: minority_f1 needs the minority classes (metrics.minority_classes)")
+        return 0.5 * (result["weighted_f1"] + float(np.mean([result["per_class_f1"][c] for c in minority])))
+    if name not in SUMMARY_SCORES:
+        raise ValueError(f"summary_score: no score {name!r} (one of {', '.join(SUMMARY_SCORES)})")
     return float(result[name])
 
 

@@ -24,7 +24,7 @@ from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
 from .data import Batch, Corpus, DataSpec, Dialogue, GlobalLayout, collate
 from .distributed import SCOPES
-from .metrics import scores, summary_score
+from .metrics import minority_classes, scores, summary_score
 from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "LAST_CHECKPOINT", "ResumeError", "TrainSettings", "TrainingDiverged",
@@ -108,14 +108,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 
 
 #: What TrainSettings.decision_bias may maximise on the selection split.
-DECISION_BIAS_SCORES = ("none", "weighted_f1", "macro_f1", "mean_f1")
+DECISION_BIAS_SCORES = ("none", "weighted_f1", "macro_f1", "mean_f1", "minority_f1")
 
 
 def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequence[str], score: str = "mean_f1",
-                      grid: Sequence[float] = tuple(np.arange(-3.0, 3.01, 0.25)), passes: int = 2
-                      ) -> tuple[np.ndarray, float, float]:
+                      grid: Sequence[float] = tuple(np.arange(-3.0, 3.01, 0.25)), passes: int = 2,
+                      minority: Sequence[str] | None = None) -> tuple[np.ndarray, float, float]:
     """Per-class biases b (K,) added to the log-probabilities that maximise
-    ``score`` (weighted_f1, macro_f1 or mean_f1) of argmax(log_probs + b) on
+    ``score`` (weighted_f1, macro_f1, mean_f1, or minority_f1 over the classes
+    ``minority`` names: :func:`~cascla_ext.metrics.summary_score`) of argmax(log_probs + b) on
     labelled utterances (y >= 0), by coordinate ascent over ``grid``, one
     class at a time, ``passes`` times; a change is kept only if it raises the
     score. Returns (b, score before, score after). Fit on a selection split
@@ -125,7 +126,7 @@ def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequenc
     K = log_probs.shape[1]
 
     def value(b: np.ndarray) -> float:
-        return summary_score(scores(y, (log_probs + b).argmax(-1), label_names), score)
+        return summary_score(scores(y, (log_probs + b).argmax(-1), label_names), score, minority)
 
     b = np.zeros(K)
     before = best = value(b)
@@ -146,12 +147,19 @@ def fit_decision_bias(log_probs: np.ndarray, y: np.ndarray, label_names: Sequenc
 def fit_model_decision_bias(model: CaSCLA, dialogues: Sequence[Dialogue], score: str, batch_size: int = 32,
                             device: str | torch.device = "cpu") -> tuple[np.ndarray, float, float]:
     """Fit ``model``'s per-class decision biases on ``dialogues`` (a selection
-    split) to maximise ``score`` (:func:`fit_decision_bias`) and set them in
-    the model; returns (biases, score before, score after)."""
+    split) to maximise ``score`` (:func:`fit_decision_bias`; minority_f1's
+    classes from the model's training prior) and set them in the model;
+    returns (biases, score before, score after)."""
+    minority = None
+    if score == "minority_f1":
+        if model.config.class_prior is None:
+            raise ValueError("decision_bias minority_f1 needs the model's class_prior (the training labels' frequencies)")
+        minority = minority_classes(model.config.class_prior, model.label_names)
     model.decision_bias.zero_()
     probs = predict_dialogues(model, dialogues, batch_size, device)
     y = np.concatenate([d.labels for d in dialogues])
-    bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, model.label_names, score)
+    bias, before, after = fit_decision_bias(np.log(np.concatenate(probs) + 1e-12), y, model.label_names, score,
+                                            minority=minority)
     model.decision_bias.copy_(torch.as_tensor(bias, dtype=model.decision_bias.dtype))
     return bias, before, after
 
@@ -174,7 +182,8 @@ class TrainSettings:
     select_split: str = "val"  # the split that picks the best epoch ("val" or "holdout"), never "test"
     # Per-class decision biases fitted on the selection split after training
     # (fit_decision_bias): "none", or the score they maximise there:
-    # "weighted_f1", "macro_f1" or "mean_f1" (the mean of the two).
+    # "weighted_f1", "macro_f1", "mean_f1" (the mean of the two) or
+    # "minority_f1" (metrics.summary_score).
     decision_bias: str = "none"
     # Stop when the selection split's weighted F1 has not improved for this
     # many epochs (None: train all epochs; epochs stays the maximum).

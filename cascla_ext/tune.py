@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import summary_score
+from .metrics import minority_classes, summary_score
 
 __all__ = ["DEFAULT_SPACE", "OBJECTIVES", "ConfigFile", "TuneError", "TuneSetup", "load_space",
            "read_config_file", "run", "work"]
@@ -49,7 +49,7 @@ __all__ = ["DEFAULT_SPACE", "OBJECTIVES", "ConfigFile", "TuneError", "TuneSetup"
 #: The study's name inside study.db.
 STUDY_NAME = "cascla"
 #: What a trial maximises on the hold-out (at the epoch ``train`` selects).
-OBJECTIVES = ("weighted_f1", "macro_f1", "mean_f1")
+OBJECTIVES = ("weighted_f1", "macro_f1", "mean_f1", "minority_f1")
 #: The search space ``--space default`` means (the JSON format of ``--space FILE``).
 DEFAULT_SPACE: dict[str, dict] = {
     "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
@@ -434,6 +434,8 @@ def best_summary(optuna, study, setup: TuneSetup) -> dict | None:
         "n_complete": counts["n_complete"], "n_pruned": counts["n_pruned"], "n_failed": counts["n_failed"],
         "n_trials": counts["n_trials"], "study": str(setup.db), "run_dir": best.user_attrs.get("run_dir"),
         "data": setup.data, "seed": setup.seed, "trial_seeds": setup.trial_seeds,
+        **{k: best.user_attrs[k] for k in ("holdout_weighted_f1", "holdout_macro_f1", "holdout_minority_f1")
+           if k in best.user_attrs},
     }
 
 
@@ -506,6 +508,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
     from .presets import LEARNING_RATE
 
     threads = 1 if setup.device == "cpu" else None
+    minority = minority_classes(corpus.class_prior("train"), corpus.label_names)
     lr_default = LEARNING_RATE[setup.preset]
     try:  # before any trial: the data must have the modalities the fixed config names
         modalities = corpus.pick_modalities(setup.fixed_config.get("modalities"))
@@ -543,7 +546,7 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
                 if not selected or val["weighted_f1"] > selected["weighted_f1"]:  # as train selects
                     selected.update(val)
                 if report:  # the pruner compares trials on the first seed's epochs
-                    trial.report(summary_score(selected, setup.objective), record["epoch"])
+                    trial.report(summary_score(selected, setup.objective, minority), record["epoch"])
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned by cascla tune after epoch {record['epoch']}")
 
@@ -559,7 +562,9 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
         trial.set_user_attr("best_epoch", best_epochs[0] if len(runs) == 1 else best_epochs)
         for key in ("weighted_f1", "macro_f1", "accuracy"):
             trial.set_user_attr(f"holdout_{key}", sum(s[key] for s in per_seed) / len(per_seed))
-        values = [summary_score(s, setup.objective) for s in per_seed]
+        trial.set_user_attr("holdout_minority_f1", {c: sum(s["per_class_f1"][c] for s in per_seed) / len(per_seed)
+                                                    for c in minority})
+        values = [summary_score(s, setup.objective, minority) for s in per_seed]
         if len(runs) > 1:
             trial.set_user_attr("seeds", seeds)
             trial.set_user_attr("per_seed", values)

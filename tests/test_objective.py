@@ -137,6 +137,34 @@ def test_fit_decision_bias_finds_a_better_threshold():
     assert after == before == 1.0 and not bias.any()
 
 
+def test_minority_classes_and_the_minority_f1_score():
+    from cascla_ext.metrics import minority_classes, summary_score
+
+    names = ["a", "b", "c", "d"]
+    # below half the uniform share (0.125), in label order
+    assert minority_classes([0.5, 0.3, 0.1, 0.1], names) == ("c", "d")
+    # none below it: the least frequent class
+    assert minority_classes([0.3, 0.2, 0.25, 0.25], names) == ("b",)
+    with pytest.raises(ValueError, match="3 classes"):
+        minority_classes([0.5, 0.5], names[:3])
+    result = {"weighted_f1": 0.8, "macro_f1": 0.5, "per_class_f1": {"a": 0.9, "b": 0.7, "c": 0.2, "d": 0.4}}
+    assert summary_score(result, "minority_f1", ("c", "d")) == pytest.approx(0.5 * (0.8 + 0.3))
+    assert summary_score(result, "mean_f1") == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="needs the minority classes"):
+        summary_score(result, "minority_f1")
+    with pytest.raises(ValueError, match="no score 'recall'"):
+        summary_score(result, "recall")
+
+
+def test_minority_decision_biases_raise_the_rare_class():
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 90 + [1] * 10)
+    logp = np.stack([np.zeros(100), np.where(y == 1, -0.5, -2.0) + 0.1 * rng.standard_normal(100)], 1)
+    bias, before, after = fit_decision_bias(logp, y, ["a", "b"], "minority_f1", minority=("b",))
+    assert before == pytest.approx(0.5 * (90 / 100 * 2 * 90 / 190 + 0))  # "b" never predicted: its F1 0
+    assert after > 0.9 and bias[1] - bias[0] > 0.5
+
+
 def test_decision_biases_are_fitted_on_the_selection_split_and_saved(tmp_path, synthetic):
     corpus = small_corpus(synthetic)
     metrics = train(small_config(synthetic), corpus, tmp_path / "run",

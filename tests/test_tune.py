@@ -204,3 +204,20 @@ def test_without_optuna_tune_says_which_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert main(["tune", "--dataset", "synthetic", "--out", str(tmp_path / "s"), "--trials", "1"]) == 2
     assert one_line_error(capsys) == "cascla-ext: cascla tune needs the [tune] extra: pip install 'cascla-ext[tune]'"
+
+
+def test_minority_f1_objective_scores_the_rare_classes_of_the_training_labels(tmp_path, files, capsys):
+    from cascla_ext.data import load_dataset
+    from cascla_ext.metrics import minority_classes
+
+    out = tmp_path / "study"
+    assert main(tune(out, files, "--trials", "1", "--objective", "minority_f1")) == 0
+    assert "best hold-out minority_f1" in capsys.readouterr().out
+    best = json.loads((out / "best.json").read_text())
+    corpus = load_dataset("synthetic", holdout=0.1)  # as tune loads it
+    rare = minority_classes(corpus.class_prior("train"), corpus.label_names)
+    metrics = json.loads((out / "trials" / str(best["trial"]) / "metrics.json").read_text())
+    selected = metrics["epochs"][metrics["best_epoch"] - 1]["val"]
+    per_class = selected["per_class_f1"]
+    assert {"fear", "disgust"} <= set(rare) and set(best["holdout_minority_f1"]) == set(rare)
+    assert best["value"] == pytest.approx(0.5 * (selected["weighted_f1"] + sum(per_class[c] for c in rare) / len(rare)))
