@@ -357,7 +357,11 @@ def test_quiet_hides_the_loading_bars(capfd):
 
 def test_meld_trains_with_its_tuned_preset_by_default(tmp_path, capsys):
     """`cascla train --dataset meld` without --preset uses cascla_ext/tuned/meld-frozen.json:
-    the base widths and per-class decision biases fitted on the selection split."""
+    the base widths and the file's values (and decision biases fitted on the
+    selection split, where the file asks for them)."""
+    import cascla_ext
+
+    preset = json.loads((Path(cascla_ext.__file__).parent / "tuned" / "meld-frozen.json").read_text())
     data, _ = meld_slice(tmp_path, 12, 18)
     out = tmp_path / "run"
     assert main(["train", "--dataset", "meld", "--data-dir", str(data), "--out", str(out), "--epochs", "1",
@@ -365,7 +369,15 @@ def test_meld_trains_with_its_tuned_preset_by_default(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["preset"] == "tuned" and metrics["data"]["widths"] == "base"
     assert Path(metrics["data"]["config_file"]).name == "meld-frozen.json"
-    assert metrics["settings"]["decision_bias"] == "mean_f1" and metrics["settings"]["batch_size"] == 16
-    fitted = metrics["decision_bias"]
-    assert fitted["score"] == "mean_f1" and list(fitted["bias"]) == \
-        ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+    for name, value in preset["config"].items():
+        assert metrics["config"][name] == value, name
+    for name in ("lr", "batch_size"):
+        assert metrics["settings"][name] == preset["settings"][name], name
+    bias = preset["settings"].get("decision_bias", "none")
+    assert metrics["settings"]["decision_bias"] == bias
+    if bias != "none":
+        fitted = metrics["decision_bias"]
+        assert fitted["score"] == bias and list(fitted["bias"]) == \
+            ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+    else:
+        assert "decision_bias" not in metrics
