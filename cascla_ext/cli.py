@@ -223,6 +223,7 @@ def _media_options(args, stored: dict | None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .config import AST_CE, AST_NORMS, CLASSIFIER_LOSSES, CONTRASTIVE_LOSSES
     from .data import DATASETS
+    from .metrics import SUMMARY_SCORES
     from .train import DECISION_BIAS_SCORES
 
     parser = _Parser(prog="cascla", description="Train and evaluate CaSCLA (multimodal emotion "
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split that picks the best epoch: val, or holdout (10%% of the training "
                         "dialogues, set aside before any fine-tuning; leaves val untouched for "
                         "reporting)")
+    t.add_argument("--select-metric", choices=SUMMARY_SCORES, default="weighted_f1",
+                   help="score of the --select-on split that picks the best epoch (default weighted_f1; "
+                        "minority_f1 as for --decision-bias)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="dialogues per batch")
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="Adam learning rate (default: 1e-3 with the small and base presets, the "
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast the forward to bf16 or fp16 (fp16 with a gradient scaler); the fused ops "
                         "accumulate in float32")
     t.add_argument("--patience", type=_positive_int, default=None,
-                   help="stop when the selection split's weighted F1 has not improved for N epochs "
+                   help="stop when the selection split's --select-metric has not improved for N epochs "
                         "(default: train all --epochs)")
     t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="Adam's L2 weight decay")
     t.add_argument("--grad-clip", type=_nonnegative_float, default=5.0,
@@ -536,6 +540,7 @@ def _train(args) -> int:
     threads = args.threads or (1 if args.device == "cpu" else None)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
                              device=args.device, progress=not args.quiet, select_split=args.select_on,
+                             select_metric=args.select_metric,
                              decision_bias=args.decision_bias, patience=args.patience,
                              weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
@@ -659,7 +664,8 @@ def _tuned_preset(args):
 #: TrainSettings fields that train has a flag for: the flag's dest.
 _SETTING_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "seed": "seed",
-    "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "decision_bias": "decision_bias",
+    "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "select_metric": "select_metric",
+    "decision_bias": "decision_bias",
     "patience": "patience", "schedule": "schedule", "warmup_ratio": "warmup_ratio", "precision": "precision",
     "threads": "threads", "tensorboard": "log", "scla_scope": "scla_scope",
 }

@@ -24,7 +24,7 @@ from ._io import atomic_torch_save, atomic_write, atomic_write_json
 from .config import CaSCLAConfig
 from .data import Batch, Corpus, DataSpec, Dialogue, GlobalLayout, collate
 from .distributed import SCOPES
-from .metrics import minority_classes, scores, summary_score
+from .metrics import SUMMARY_SCORES, minority_classes, scores, summary_score
 from .model import CaSCLA
 
 __all__ = ["DECISION_BIAS_SCORES", "LAST_CHECKPOINT", "ResumeError", "TrainSettings", "TrainingDiverged",
@@ -180,12 +180,16 @@ class TrainSettings:
     progress: bool = True
     grad_clip: float | None = 5.0
     select_split: str = "val"  # the split that picks the best epoch ("val" or "holdout"), never "test"
+    # What picks the best epoch on select_split (metrics.summary_score):
+    # "weighted_f1" (the papers' metric), "macro_f1", "mean_f1", "minority_f1"
+    # (the minority classes from the training labels' prior) or "accuracy".
+    select_metric: str = "weighted_f1"
     # Per-class decision biases fitted on the selection split after training
     # (fit_decision_bias): "none", or the score they maximise there:
     # "weighted_f1", "macro_f1", "mean_f1" (the mean of the two) or
     # "minority_f1" (metrics.summary_score).
     decision_bias: str = "none"
-    # Stop when the selection split's weighted F1 has not improved for this
+    # Stop when the selection split's select_metric has not improved for this
     # many epochs (None: train all epochs; epochs stays the maximum).
     patience: int | None = None
     # Learning-rate schedule over all steps (PyTorch's schedulers): "constant",
@@ -223,6 +227,8 @@ class TrainSettings:
             fail(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
         if self.select_split == "test":
             raise ValueError("the best epoch is never selected on the test split")
+        if self.select_metric not in SUMMARY_SCORES:
+            fail(f"select_metric must be one of {', '.join(SUMMARY_SCORES)}, got {self.select_metric!r}")
         if self.decision_bias not in DECISION_BIAS_SCORES:
             fail(f"decision_bias must be one of {', '.join(DECISION_BIAS_SCORES)}, got {self.decision_bias!r}")
         for name in ("patience", "threads"):
@@ -513,12 +519,17 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
         "epochs": [],
         "best_epoch": None,
         "best_val_weighted_f1": None,
+        "select_metric": settings.select_metric,
+        "best_selection_score": None,
         "checkpoint": None,
     }
     steps_per_epoch = (len(train_set) + settings.batch_size - 1) // settings.batch_size
     scheduler = make_scheduler(optimizer, settings.schedule, settings.epochs * steps_per_epoch,
                                settings.warmup_ratio)
     start = time.perf_counter()
+    # The classes select_metric "minority_f1" scores (from the training labels' prior).
+    minority = (minority_classes(config.class_prior or corpus.class_prior("train"), corpus.label_names)
+                if settings.select_metric == "minority_f1" else None)
     saved: dict | None = None  # the checkpoint on disk: {"file", "epoch", "val_weighted_f1"}
     best_state: dict | None = None  # its weights (for the decision biases)
     first_epoch, partial = 1, None
@@ -646,9 +657,12 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 "eval_seconds": time.perf_counter() - t0 - train_time,
             }
             metrics["epochs"].append(record)
-            best = metrics["best_val_weighted_f1"]
-            if best is None or val["weighted_f1"] > best:
+            score = summary_score(val, settings.select_metric, minority)
+            # (a run resumed from a last.pt of before select_metric selected on weighted F1)
+            best = metrics.get("best_selection_score", metrics["best_val_weighted_f1"])
+            if best is None or score > best:
                 metrics["best_epoch"], metrics["best_val_weighted_f1"] = epoch, val["weighted_f1"]
+                metrics["best_selection_score"] = score
                 # The metrics name the checkpoint's epoch before it is written.
                 metrics["checkpoint"] = {"file": "model.pt", "epoch": epoch}
                 write_metrics()

@@ -541,9 +541,10 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
         for i, settings in enumerate(runs):
             selected: dict = {}
 
-            def on_epoch(record: dict, report: bool = i == 0) -> None:
+            def on_epoch(record: dict, report: bool = i == 0, metric: str = settings.select_metric) -> None:
                 val = record["val"]
-                if not selected or val["weighted_f1"] > selected["weighted_f1"]:  # as train selects
+                if not selected or (summary_score(val, metric, minority)
+                                    > summary_score(selected, metric, minority)):  # as train selects
                     selected.update(val)
                 if report:  # the pruner compares trials on the first seed's epochs
                     trial.report(summary_score(selected, setup.objective, minority), record["epoch"])

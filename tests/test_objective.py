@@ -181,6 +181,38 @@ def test_decision_biases_are_fitted_on_the_selection_split_and_saved(tmp_path, s
         TrainSettings(decision_bias="accuracy").validate()
 
 
+@pytest.mark.parametrize("metric", ["macro_f1", "minority_f1"])
+def test_select_metric_picks_the_epoch_with_the_best_score(tmp_path, synthetic, metric):
+    from cascla_ext.metrics import minority_classes, summary_score
+
+    corpus = small_corpus(synthetic)
+    config = small_config(synthetic)
+    config.class_prior = corpus.class_prior("train")
+    metrics = train(config, corpus, tmp_path / "run",
+                    TrainSettings(epochs=4, batch_size=4, lr=3e-3, progress=False, select_metric=metric))
+    rare = minority_classes(config.class_prior, corpus.label_names)
+    per_epoch = [summary_score(e["val"], metric, rare) for e in metrics["epochs"]]
+    assert metrics["select_metric"] == metric
+    assert metrics["best_epoch"] == 1 + int(np.argmax(per_epoch))  # the first of equal scores
+    assert metrics["best_selection_score"] == pytest.approx(max(per_epoch))
+    chosen = metrics["epochs"][metrics["best_epoch"] - 1]["val"]
+    assert metrics["best_val_weighted_f1"] == chosen["weighted_f1"]
+    # the checkpoint is that epoch's model
+    again = evaluate(CaSCLA.load(tmp_path / "run" / "model.pt"), corpus.split("val"))
+    assert summary_score(again, metric, rare) == pytest.approx(max(per_epoch))
+    with pytest.raises(ValueError, match="select_metric must be one of"):
+        TrainSettings(select_metric="recall").validate()
+
+
+def test_select_metric_flag_reaches_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "1", "--select-metric", "mean_f1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["select_metric"] == metrics["select_metric"] == "mean_f1"
+    best = metrics["epochs"][0]["val"]
+    assert metrics["best_selection_score"] == pytest.approx(0.5 * (best["weighted_f1"] + best["macro_f1"]))
+
+
 def test_checkpoints_without_decision_biases_still_load(tmp_path, synthetic):
     model = CaSCLA(small_config(synthetic), synthetic.label_names)
     model.save(tmp_path / "m.pt")
