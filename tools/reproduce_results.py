@@ -80,6 +80,7 @@ VARIANTS = {
     "w/o decision biases": {"decision_bias": "none"},
     # The epoch picked on the hold-out by the minority-class score, not by weighted F1.
     "+ epoch selected by minority F1": {"select_metric": "minority_f1"},
+    "epoch selected by weighted F1": {"select_metric": "weighted_f1"},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
     # Readings of AST (issue 13): epsilon per utterance instead of per dialogue,
     # and a lighter adversarial cross-entropy.
