@@ -192,3 +192,31 @@ def test_a_run_trained_with_decision_biases_becomes_the_run_without_them(tmp_pat
     model.decision_bias.zero_()
     assert done["val"]["weighted_f1"] == evaluate(model, corpus.split("val"))["weighted_f1"]
     assert done["holdout"]["n"] == sum(len(d.labels) for d in corpus.split("holdout"))
+
+
+def test_crossfit_epoch_selection_picks_each_criterions_epoch_out_of_fold(tmp_path):
+    """tools/crossfit_epoch_selection.crossfit: epoch 0 serves the majority class, epoch 1 the rare one;
+    picked on 4/5 of the dialogues and scored on the fifth, weighted F1 takes epoch 0 and minority F1 epoch 1."""
+    import importlib
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        tool = importlib.import_module("crossfit_epoch_selection")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    # 20 dialogues of 10 utterances: utterance 0 of each is "fear" (1), the rest "neutral" (0), one unlabelled.
+    y = np.zeros((20, 10), dtype=np.int64)
+    y[:, 0] = 1
+    y[:, 9] = -1
+    majority = np.zeros_like(y)                      # never predicts fear
+    rare = np.where(np.arange(10) < 4, 1, 0) + 0 * y  # finds every fear, at the cost of 3 neutral each
+    np.savez(tmp_path / "epoch_preds.npz", preds=np.stack([majority.ravel(), rare.ravel()]), labels=y.ravel(),
+             lengths=np.full(20, 10))
+    rows = tool.crossfit(tmp_path, LABELS, ("fear",), seed=0)
+    assert len(rows) == 10
+    for row in rows:  # every fold agrees, so the pooled out-of-fold scores are those of one epoch
+        assert row["weighted_f1:fear"] == 0.0 and row["minority_f1:fear"] == 0.4  # 2*20 / (20 + 80)
+        assert row["minority_f1:minority_f1"] > row["weighted_f1:minority_f1"]
+        assert row["weighted_f1:weighted_f1"] > row["minority_f1:weighted_f1"]
