@@ -405,7 +405,8 @@ def train(config: CaSCLAConfig, corpus: Corpus, out_dir: str | os.PathLike,
     alone writes files.
 
     ``on_epoch(record)`` is called after each epoch's record (its ``val``
-    scores are the selection split's) is written; an exception it raises
+    scores are the selection split's; its ``best_epoch`` the epoch selected
+    so far, by ``settings.select_metric``) is written; an exception it raises
     (e.g. a hyper-parameter search pruning the run) ends training like any
     other, with the metrics saying so.
 
@@ -671,6 +672,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                                data=data_info)
                 saved = {"epoch": epoch, "val_weighted_f1": val["weighted_f1"]}
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            record["best_epoch"] = metrics["best_epoch"]  # the epoch selected so far (on_epoch reads it)
             if progress:
                 _log(epoch_line(record, settings.epochs, metrics["best_epoch"], metrics["best_val_weighted_f1"],
                                 settings.select_split), epoch_bar)
@@ -688,7 +690,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
             if settings.patience is not None and epoch - metrics["best_epoch"] >= settings.patience:
                 metrics["stopped_early"] = epoch  # no better selection score for `patience` epochs
                 if progress:
-                    _log(f"stopping early after epoch {epoch}: no better {settings.select_split} weighted F1 "
+                    _log(f"stopping early after epoch {epoch}: no better {settings.select_split} {settings.select_metric} "
                          f"for {settings.patience} epochs", epoch_bar)
                 break
             if epoch < settings.epochs and D.any_rank(stop["set"], device):

@@ -539,14 +539,12 @@ def make_objective(optuna, setup: TuneSetup, corpus, spec) -> Callable:
 
         per_seed, best_epochs = [], []
         for i, settings in enumerate(runs):
-            selected: dict = {}
+            seen: dict[int, dict] = {}  # epoch -> its hold-out scores
 
-            def on_epoch(record: dict, report: bool = i == 0, metric: str = settings.select_metric) -> None:
-                val = record["val"]
-                if not selected or (summary_score(val, metric, minority)
-                                    > summary_score(selected, metric, minority)):  # as train selects
-                    selected.update(val)
-                if report:  # the pruner compares trials on the first seed's epochs
+            def on_epoch(record: dict, report: bool = i == 0) -> None:
+                seen[record["epoch"]] = record["val"]
+                if report:  # the pruner compares trials on the first seed's epochs, at the epoch train selected
+                    selected = seen[record["best_epoch"]]
                     trial.report(summary_score(selected, setup.objective, minority), record["epoch"])
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned by cascla tune after epoch {record['epoch']}")

@@ -195,6 +195,9 @@ def test_select_metric_picks_the_epoch_with_the_best_score(tmp_path, synthetic, 
     assert metrics["select_metric"] == metric
     assert metrics["best_epoch"] == 1 + int(np.argmax(per_epoch))  # the first of equal scores
     assert metrics["best_selection_score"] == pytest.approx(max(per_epoch))
+    # each record names the epoch selected so far (what cascla tune's pruner reads)
+    assert [e["best_epoch"] for e in metrics["epochs"]] == \
+        [1 + int(np.argmax(per_epoch[:n])) for n in range(1, len(per_epoch) + 1)]
     chosen = metrics["epochs"][metrics["best_epoch"] - 1]["val"]
     assert metrics["best_val_weighted_f1"] == chosen["weighted_f1"]
     # the checkpoint is that epoch's model
