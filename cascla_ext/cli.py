@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="Adam's L2 weight decay")
     t.add_argument("--grad-clip", type=_nonnegative_float, default=5.0,
                    help="clip the gradient's L2 norm to this (0: no clipping)")
+    t.add_argument("--ema-decay", type=_fraction, default=None, metavar="D",
+                   help="evaluate, select and save an exponential moving average of the weights, updated "
+                        "after every step with decay D (e.g. 0.99; bias-corrected; 0 or unset: the weights "
+                        "as trained)")
     t.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
                    help="learning-rate schedule over all steps, after the warm-up")
     t.add_argument("--warmup-ratio", type=_fraction, default=0.0,
@@ -543,6 +547,7 @@ def _train(args) -> int:
                              select_metric=args.select_metric,
                              decision_bias=args.decision_bias, patience=args.patience,
                              weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
+                             ema_decay=args.ema_decay or None,
                              schedule=args.schedule, warmup_ratio=args.warmup_ratio, precision=args.precision,
                              threads=threads, tensorboard=args.log == "tensorboard",
                              scla_scope=args.scla_scope, **(file.settings if file else {}))
@@ -665,7 +670,7 @@ def _tuned_preset(args):
 _SETTING_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "seed": "seed",
     "device": "device", "grad_clip": "grad_clip", "select_split": "select_on", "select_metric": "select_metric",
-    "decision_bias": "decision_bias",
+    "decision_bias": "decision_bias", "ema_decay": "ema_decay",
     "patience": "patience", "schedule": "schedule", "warmup_ratio": "warmup_ratio", "precision": "precision",
     "threads": "threads", "tensorboard": "log", "scla_scope": "scla_scope",
 }

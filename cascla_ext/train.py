@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -200,6 +201,12 @@ class TrainSettings:
     # "fp32", or autocast to "bf16" / "fp16" (fp16 with a gradient scaler);
     # the fused ops accumulate in float32 either way.
     precision: str = "fp32"
+    # Weight averaging: evaluate, select and save an exponential moving
+    # average of the weights (Polyak averaging, updated after every optimizer
+    # step with this decay and bias-corrected as Adam's moments are, so the
+    # first steps are not held back by the initial weights; WeightAverage)
+    # instead of the weights as trained. None: no averaging.
+    ema_decay: float | None = None
     # torch threads for the run (None: leave torch's setting).
     threads: int | None = None
     # Also write TensorBoard event files to <run>/tensorboard (needs tensorboard).
@@ -239,6 +246,9 @@ class TrainSettings:
             fail(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
             fail(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float))
+                                               and not isinstance(self.ema_decay, bool) and 0 < self.ema_decay < 1):
+            fail(f"ema_decay must be a number in (0, 1) or None, got {self.ema_decay!r}")
         if self.precision not in PRECISIONS:
             fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.scla_scope not in SCOPES:
@@ -303,6 +313,39 @@ def _check_finite(what: str, value: float, epoch: int, step: int, steps: int) ->
     if not math.isfinite(value):
         raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps}: {what} is {value} "
                                "(try a lower --lr, or check the data and the loss weights)")
+
+
+class WeightAverage:
+    """The exponential moving average of a model's weights that
+    ``TrainSettings.ema_decay`` asks for. ``model``: a copy of the trained
+    model holding the average (in eval mode, without gradients); call
+    :meth:`update` after each optimizer step. The average is bias-corrected
+    (Adam's correction): after t steps it is
+    ``sum_i d^(t-i) w_i (1 - d) / (1 - d^t)``, so the first step copies the
+    weights. Buffers are copied, not averaged."""
+
+    def __init__(self, model: CaSCLA, decay: float):
+        self.decay, self.updates = float(decay), 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: CaSCLA) -> None:
+        self.updates += 1
+        weight = (1 - self.decay) / (1 - self.decay ** self.updates)  # of the new weights
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), weight)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.model.load_state_dict(state["model"])
 
 
 class TrainingStopped(RuntimeError):
@@ -488,6 +531,11 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
     model = CaSCLA(config, corpus.label_names).to(device)
     if resume is not None:
         model.load_state_dict(resume["model"])
+    # What is evaluated, selected and saved: the trained weights or their average.
+    ema = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
+    if ema is not None and resume is not None:
+        ema.load_state_dict(resume["ema"])
+    judged = ema.model if ema is not None else model
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -562,7 +610,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 "partial": acc, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs, "metrics": metrics, "saved": saved,
-                "best_model": best_state, "config": config.to_dict(), "label_names": corpus.label_names,
+                "best_model": best_state, "ema": ema.state_dict() if ema is not None else None,
+                "config": config.to_dict(), "label_names": corpus.label_names,
                 "settings": metrics["settings"], "data": data_info}, out_dir / LAST_CHECKPOINT)
 
     def stopped(epoch: int, step: int) -> TrainingStopped:
@@ -629,6 +678,8 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update(model)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
@@ -644,7 +695,7 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                                        f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} are not "
                                        "finite (try a lower --lr)")
             train_time = time.perf_counter() - t0
-            val = evaluate(model, val_set, settings.batch_size, device)
+            val = evaluate(judged, val_set, settings.batch_size, device)
             record = {
                 "epoch": epoch,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -668,10 +719,10 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 metrics["checkpoint"] = {"file": "model.pt", "epoch": epoch}
                 write_metrics()
                 if writes:
-                    model.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
-                               data=data_info)
+                    judged.save(out_dir / "model.pt", dataset=corpus.name, epoch=epoch, seed=settings.seed,
+                                data=data_info)
                 saved = {"epoch": epoch, "val_weighted_f1": val["weighted_f1"]}
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
             record["best_epoch"] = metrics["best_epoch"]  # the epoch selected so far (on_epoch reads it)
             if progress:
                 _log(epoch_line(record, settings.epochs, metrics["best_epoch"], metrics["best_val_weighted_f1"],
@@ -697,19 +748,19 @@ def _train(config, corpus, out_dir, settings, data_info, device, train_set, val_
                 raise stopped(epoch + 1, 0)
         if settings.decision_bias != "none" and saved:
             # Refit the biases of the selected epoch's model on the selection split.
-            model.load_state_dict(best_state)
-            bias, before, after = fit_model_decision_bias(model, val_set, settings.decision_bias,
+            judged.load_state_dict(best_state)
+            bias, before, after = fit_model_decision_bias(judged, val_set, settings.decision_bias,
                                                           settings.batch_size, device)
             metrics["decision_bias"] = {"score": settings.decision_bias, "bias": dict(zip(corpus.label_names,
                                                                                            bias.tolist())),
                                         "selection_before": before, "selection_after": after}
-            final = evaluate(model, val_set, settings.batch_size, device)
+            final = evaluate(judged, val_set, settings.batch_size, device)
             metrics["selection_scores"] = {k: final[k] for k in ("weighted_f1", "macro_f1", "accuracy",
                                                                   "per_class_f1", "n")}
             write_metrics()
             if writes:
-                model.save(out_dir / "model.pt", dataset=corpus.name, epoch=saved["epoch"], seed=settings.seed,
-                           data=data_info)
+                judged.save(out_dir / "model.pt", dataset=corpus.name, epoch=saved["epoch"], seed=settings.seed,
+                            data=data_info)
     except BaseException as err:
         # Describe what is on disk: the last checkpoint written, not a pending one.
         metrics["status"] = ("stopped" if isinstance(err, TrainingStopped) else

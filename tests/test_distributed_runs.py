@@ -66,7 +66,8 @@ def _sigterm_at(monkeypatch, call: int) -> None:
 def test_torchrun_two_processes_write_one_run_that_evaluates_alike(tmp_path, capsys):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cascla_ext", "train", "--out", str(run), "--epochs", "2", "--batch-size", "32"]
+           "-m", "cascla_ext", "train", "--out", str(run), "--epochs", "2", "--batch-size", "32",
+           "--ema-decay", "0.9"]  # (the two-process resume test below trains the weights unaveraged)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One process printed: one result line, one line per epoch, nothing from rank 1.
@@ -76,6 +77,7 @@ def test_torchrun_two_processes_write_one_run_that_evaluates_alike(tmp_path, cap
                                                      "model.pt"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["settings"]["scla_scope"] == "global"
+    assert metrics["settings"]["ema_decay"] == 0.9  # model.pt holds the average the scores below are of
     assert metrics["status"] == "finished" and len(metrics["epochs"]) == 2
     # The sharded, gathered validation scores are those of one process.
     capsys.readouterr()
@@ -121,9 +123,10 @@ def _resume_runs(config, corpus, root: Path, settings, sigterm_hook=None) -> Non
     train(config, corpus, root / "c", settings, resume=state)
 
 
-def test_resume_single_process_equals_uninterrupted(tmp_path, synthetic, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [None, 0.8], ids=["weights", "weight-average"])
+def test_resume_single_process_equals_uninterrupted(tmp_path, synthetic, monkeypatch, ema_decay):
     corpus = small_corpus(synthetic)
-    settings = TrainSettings(epochs=3, batch_size=4, progress=False, schedule="cosine")
+    settings = TrainSettings(epochs=3, batch_size=4, progress=False, schedule="cosine", ema_decay=ema_decay)
     steps = 4  # per epoch
     _resume_runs(small_config(synthetic), corpus, tmp_path, settings,
                  lambda: _sigterm_at(monkeypatch, steps + 2))

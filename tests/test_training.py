@@ -14,7 +14,7 @@ import torch
 from cascla_ext import CaSCLA, collate
 from cascla_ext.cli import main
 from cascla_ext.data import Corpus
-from cascla_ext.train import TrainSettings, make_scheduler, train
+from cascla_ext.train import TrainSettings, WeightAverage, evaluate, make_scheduler, train
 from conftest import small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +49,7 @@ def test_schedules():
 
 def test_settings_are_checked():
     for field, value in (("patience", 0), ("schedule", "step"), ("warmup_ratio", 1.0), ("precision", "fp8"),
-                         ("threads", 0)):
+                         ("threads", 0), ("ema_decay", 1.0), ("ema_decay", 0.0), ("ema_decay", True)):
         with pytest.raises(ValueError, match=f"TrainSettings: {field} must"):
             TrainSettings(**{field: value}).validate()
 
@@ -209,3 +209,66 @@ def test_on_epoch_sees_each_record_and_can_stop_the_run(tmp_path, synthetic):
     assert seen == [1, 2]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == "pruned" and len(metrics["epochs"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# Weight averaging (TrainSettings.ema_decay, --ema-decay)
+
+
+def test_weight_average_is_the_bias_corrected_moving_average():
+    torch.manual_seed(0)
+    model, decay = torch.nn.Linear(3, 2), 0.9
+    model.register_buffer("count", torch.zeros(()))
+    avg = WeightAverage(model, decay)
+    assert not any(p.requires_grad for p in avg.model.parameters()) and not avg.model.training
+    history = []
+    for t in range(1, 7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model.count += 1
+        history.append([p.detach().clone() for p in model.parameters()])
+        avg.update(model)
+        for j, got in enumerate(avg.model.parameters()):
+            want = sum(decay ** (t - i) * (1 - decay) * w[j] for i, w in enumerate(history, 1)) / (1 - decay ** t)
+            torch.testing.assert_close(got, want)
+        assert float(avg.model.count) == t  # buffers are copied
+    torch.testing.assert_close(list(WeightAverage(model, decay).model.parameters())[0], history[-1][0])
+    # the first update copies the weights: nothing of the initial ones is left
+    fresh = WeightAverage(torch.nn.Linear(3, 2), decay)
+    fresh.update(model)
+    for a, b in zip(fresh.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_ema_run_evaluates_selects_and_saves_the_average(tmp_path, synthetic):
+    corpus, config = small_corpus(synthetic), small_config(synthetic)
+    plain = train(config, corpus, tmp_path / "plain", TrainSettings(epochs=1, batch_size=4, progress=False))
+    averaged = train(config, corpus, tmp_path / "ema",
+                     TrainSettings(epochs=1, batch_size=4, progress=False, ema_decay=0.7))
+    assert averaged["settings"]["ema_decay"] == 0.7
+    last_plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    last_ema = torch.load(tmp_path / "ema" / "last.pt", weights_only=True)
+    assert last_plain["ema"] is None and last_ema["ema"]["updates"] == 3  # 12 dialogues in batches of 4
+    saved = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)["state_dict"]
+    differs = False
+    for k, trained in last_ema["model"].items():
+        assert torch.equal(trained, last_plain["model"][k]), k  # the same training either way
+        assert torch.equal(saved[k], last_ema["ema"]["model"][k]), k  # model.pt: the average
+        differs |= not torch.equal(saved[k], trained)
+    assert differs
+    # the recorded scores are the saved (averaged) model's
+    model = CaSCLA.load(tmp_path / "ema" / "model.pt")
+    val = evaluate(model, corpus.split("val"), 4)
+    assert averaged["epochs"][0]["val"]["weighted_f1"] == pytest.approx(val["weighted_f1"])
+    assert plain["epochs"][0]["train"] == averaged["epochs"][0]["train"]
+
+
+def test_ema_decay_flag_reaches_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", "--epochs", "1", "--ema-decay", "0.95"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["ema_decay"] == 0.95
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "bad"), "--quiet", "--ema-decay", "1.5"]) != 0
+    assert "--ema-decay: expected a fraction in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -81,6 +81,7 @@ VARIANTS = {
     # The epoch picked on the hold-out by the minority-class score, not by weighted F1.
     "+ epoch selected by minority F1": {"select_metric": "minority_f1"},
     "epoch selected by weighted F1": {"select_metric": "weighted_f1"},
+    "+ weight averaging (EMA 0.99)": {"ema_decay": 0.99},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
     # Readings of AST (issue 13): epsilon per utterance instead of per dialogue,
     # and a lighter adversarial cross-entropy.
@@ -105,7 +106,7 @@ STUDY_LOSSES = {"SCLA": "scla", "SupCon": "supcon", "SPCL-style": "spcl"}
 STUDY = {f"{name}, batch {b}": {"contrastive": loss, "batch_size": b}
          for name, loss in STUDY_LOSSES.items() for b in STUDY_SIZES}
 ALL_VARIANTS = {**VARIANTS, **STUDY}
-SETTINGS_FIELDS = ("decision_bias", "batch_size", "select_metric")
+SETTINGS_FIELDS = ("decision_bias", "batch_size", "select_metric", "ema_decay")
 #: Rows that can be another row's finished runs plus decision biases fitted on
 #: the hold-out afterwards: exactly what training with --decision-bias does
 #: at its end (same seed, same model), without training again. Used where the
