@@ -220,3 +220,21 @@ def test_crossfit_epoch_selection_picks_each_criterions_epoch_out_of_fold(tmp_pa
         assert row["weighted_f1:fear"] == 0.0 and row["minority_f1:fear"] == 0.4  # 2*20 / (20 + 80)
         assert row["minority_f1:minority_f1"] > row["weighted_f1:minority_f1"]
         assert row["weighted_f1:weighted_f1"] > row["minority_f1:weighted_f1"]
+
+
+def test_each_row_sets_model_or_training_fields_that_exist():
+    import dataclasses
+
+    from cascla_ext import CaSCLAConfig
+    from cascla_ext.train import TrainSettings
+
+    tool = _tool()
+    settings = {f.name for f in dataclasses.fields(TrainSettings)}
+    config = {f.name for f in dataclasses.fields(CaSCLAConfig)}
+    assert set(tool.SETTINGS_FIELDS) <= settings
+    for variant, fields in tool.ALL_VARIANTS.items():
+        for name in fields:
+            # a training setting must be routed to TrainSettings, not to the model's config
+            assert name in (tool.SETTINGS_FIELDS if name in settings else config), (variant, name)
+    # the weight-averaging rows train with and without it whatever the preset says
+    assert tool.ALL_VARIANTS["w/o weight averaging"] == {"ema_decay": None}

@@ -82,6 +82,7 @@ VARIANTS = {
     "+ epoch selected by minority F1": {"select_metric": "minority_f1"},
     "epoch selected by weighted F1": {"select_metric": "weighted_f1"},
     "+ weight averaging (EMA 0.99)": {"ema_decay": 0.99},
+    "w/o weight averaging": {"ema_decay": None},
     "w/o SCLA, + logit adjustment": {"use_scla": False, "classifier_loss": "logit_adjusted"},
     # Readings of AST (issue 13): epsilon per utterance instead of per dialogue,
     # and a lighter adversarial cross-entropy.
