@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cascla_ext.train import summarise_scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,3 +240,27 @@ def test_each_row_sets_model_or_training_fields_that_exist():
             assert name in (tool.SETTINGS_FIELDS if name in settings else config), (variant, name)
     # the weight-averaging rows train with and without it whatever the preset says
     assert tool.ALL_VARIANTS["w/o weight averaging"] == {"ema_decay": None}
+
+
+def test_class_confusions_describes_one_class_of_a_confusion_matrix(tmp_path):
+    import importlib
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        tool = importlib.import_module("class_confusions")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    cm = np.array([[50, 5, 1],   # true neutral: 5 predicted as disgust
+                   [2, 3, 1],    # true disgust: 3 right, 2 missed to neutral, 1 to anger
+                   [4, 7, 20]])  # true anger: 7 predicted as disgust
+    d = tool.describe(cm, 1, ["neutral", "disgust", "anger"])
+    assert d["support"] == 6 and d["predicted"] == 15 and d["tp"] == 3
+    assert d["precision"] == pytest.approx(0.2) and d["recall"] == pytest.approx(0.5)
+    assert d["f1"] == pytest.approx(2 * 0.2 * 0.5 / 0.7) and d["share"] == pytest.approx(6 / 93)
+    assert d["false_positives_from"] == {"neutral": 5, "anger": 7} and d["misses_to"] == {"neutral": 2, "anger": 1}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "class_confusions.py"), "--dataset", "meld",
+                           "--features", "frozen", "--label", "disgust", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--out: no finished runs under" in proc.stderr
