@@ -264,3 +264,13 @@ def test_class_confusions_describes_one_class_of_a_confusion_matrix(tmp_path):
                            "--features", "frozen", "--label", "disgust", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--out: no finished runs under" in proc.stderr
+
+
+def test_repeated_holdout_refuses_unknown_rows_and_bad_seeds(tmp_path):
+    tool = ROOT / "tools" / "repeated_holdout.py"
+    for extra, message in (((("--rows", "CaSCLA (defaults);w/o everything")), "--rows: unknown row 'w/o everything'"),
+                           (("--rows", "w/o AST", "--seeds", "0,x"), "comma-separated integers expected")):
+        proc = subprocess.run([sys.executable, str(tool), "--dataset", "iemocap", "--out", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
