@@ -31,20 +31,11 @@ def _args(cli) -> argparse.Namespace:
                               out=cli.out, epochs=None)
 
 
-def record_run(cli, seed: int) -> Path:
-    """Train one seed of the defaults row; save each epoch's hold-out predictions (``epoch_preds.npz``)."""
-    import torch
-
+def train_recording(config, corpus, out: Path, settings) -> None:
+    """Train a run, saving each epoch's hold-out predictions in ``out/epoch_preds.npz`` (written last)."""
     import cascla_ext.train as T
 
-    torch.set_num_threads(1)
-    args = _args(cli)
-    corpus = rr.load_corpus(args, cli.dataset, cli.features)
-    config = rr.make_config(corpus, VARIANT, cli.dataset, cli.features)
-    settings = rr.settings_for(args, cli.dataset, seed, VARIANT, cli.features)
-    out = Path(cli.out) / cli.features / cli.dataset / f"seed_{seed}"
-    epochs = []
-    real = T.evaluate
+    epochs, real = [], T.evaluate
 
     def spy(model, dialogues, *a, **k):  # train() scores the selection split (the hold-out) each epoch
         probs = T.predict_dialogues(model, dialogues, *a, **k)
@@ -57,9 +48,23 @@ def record_run(cli, seed: int) -> Path:
     finally:
         T.evaluate = real
     hold = corpus.split("holdout")
-    np.savez(out / "epoch_preds.npz", preds=np.stack(epochs[:settings.epochs]),
-             labels=np.concatenate([d.labels for d in hold]),
+    tmp = out / "epoch_preds.tmp.npz"
+    np.savez(tmp, preds=np.stack(epochs[:settings.epochs]), labels=np.concatenate([d.labels for d in hold]),
              lengths=np.array([len(d.labels) for d in hold]))
+    tmp.replace(out / "epoch_preds.npz")
+
+
+def record_run(cli, seed: int) -> Path:
+    """Train one seed of the defaults row; save each epoch's hold-out predictions (``epoch_preds.npz``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    args = _args(cli)
+    corpus = rr.load_corpus(args, cli.dataset, cli.features)
+    config = rr.make_config(corpus, VARIANT, cli.dataset, cli.features)
+    settings = rr.settings_for(args, cli.dataset, seed, VARIANT, cli.features)
+    out = Path(cli.out) / cli.features / cli.dataset / f"seed_{seed}"
+    train_recording(config, corpus, out, settings)
     return out
 
 

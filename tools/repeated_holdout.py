@@ -43,8 +43,6 @@ def record_run(cli, row: str, holdout_seed: int, seed: int) -> Path:
     """Train one row on one hold-out draw; save each epoch's hold-out predictions."""
     import torch
 
-    import cascla_ext.train as T
-
     torch.set_num_threads(1)
     corpus = _corpus(cli, holdout_seed)
     config = rr.make_config(corpus, row, cli.dataset, FEATURES)
@@ -52,23 +50,7 @@ def record_run(cli, row: str, holdout_seed: int, seed: int) -> Path:
     out = Path(cli.out) / cli.dataset / rr.slug(row) / f"holdout_{holdout_seed}" / f"seed_{seed}"
     if (out / "epoch_preds.npz").is_file():
         return out
-    epochs, real = [], T.evaluate
-
-    def spy(model, dialogues, *a, **k):  # train() scores the selection split (the hold-out) each epoch
-        probs = T.predict_dialogues(model, dialogues, *a, **k)
-        epochs.append(np.concatenate([p.argmax(-1) for p in probs]))
-        return real(model, dialogues, *a, **k)
-
-    T.evaluate = spy
-    try:
-        T.train(config, corpus, out, settings, overwrite=True)
-    finally:
-        T.evaluate = real
-    hold = corpus.split("holdout")
-    tmp = out / "epoch_preds.tmp.npz"
-    np.savez(tmp, preds=np.stack(epochs[:settings.epochs]), labels=np.concatenate([d.labels for d in hold]),
-             lengths=np.array([len(d.labels) for d in hold]))
-    tmp.replace(out / "epoch_preds.npz")
+    cf.train_recording(config, corpus, out, settings)
     return out
 
 
