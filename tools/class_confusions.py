@@ -33,6 +33,11 @@ def describe(cm: np.ndarray, k: int, labels: list[str]) -> dict:
             "misses_to": {labels[j]: float(cm[k, j]) for j in others}}
 
 
+def top(counts: dict) -> str:
+    """The three largest counts, largest first."""
+    return ", ".join(f"{c} {v:.1f}" for c, v in sorted(counts.items(), key=lambda x: -x[1])[:3])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=sorted(rr.DATA))
@@ -57,25 +62,23 @@ def main(argv=None) -> int:
     from cascla_ext.metrics import confusion_matrix
     from cascla_ext.train import predict_dialogues
 
-    args = argparse.Namespace(data_root=cli.data_root, cache_dir=None, quiet=True,
-                              finetune_epochs=cli.finetune_epochs)
-    corpus = rr.load_corpus(args, cli.dataset, cli.features)
+    corpus = rr.load_corpus(rr.tool_args(cli.data_root, finetune_epochs=cli.finetune_epochs), cli.dataset,
+                            cli.features)
     if cli.label not in corpus.label_names:
         p.error(f"--label: {cli.dataset} has no class {cli.label!r} (it has {', '.join(corpus.label_names)})")
     k, K = corpus.label_names.index(cli.label), len(corpus.label_names)
+    labels = {split: np.concatenate([d.labels for d in corpus.split(split)]) for split in SPLITS}
     result = {}
     for row, paths in runs.items():
         result[row] = {"seeds": len(paths)}
+        cms = {split: [] for split in SPLITS}
+        for path in paths:
+            model = CaSCLA.load(path)
+            for split, y in labels.items():
+                pred = np.concatenate([q.argmax(-1) for q in predict_dialogues(model, corpus.split(split))])
+                cms[split].append(confusion_matrix(y[y >= 0], pred[y >= 0], K))
         for split in SPLITS:
-            dialogues = corpus.split(split)
-            y = np.concatenate([d.labels for d in dialogues])
-            cms = []
-            for path in paths:
-                probs = predict_dialogues(CaSCLA.load(path), dialogues)
-                pred = np.concatenate([q.argmax(-1) for q in probs])
-                cms.append(confusion_matrix(y[y >= 0], pred[y >= 0], K))
-            d = result[row][split] = describe(np.mean(cms, axis=0), k, corpus.label_names)
-            top = lambda m: ", ".join(f"{c} {v:.1f}" for c, v in sorted(m.items(), key=lambda x: -x[1])[:3])  # noqa: E731
+            d = result[row][split] = describe(np.mean(cms[split], axis=0), k, corpus.label_names)
             print(f"{row} ({len(paths)} seeds), {split}: {cli.label} {100 * d['share']:.1f}% of labels, "
                   f"predicted {d['predicted']:.1f} times for {d['support']:.0f}, precision {d['precision']:.2f}, "
                   f"recall {d['recall']:.2f}, F1 of the pooled counts {100 * d['f1']:.1f}; false positives from {top(d['false_positives_from'])}; "

@@ -36,8 +36,7 @@ torch.set_num_threads(1)
 result_file = Path(cli.out) / "crossfit_decision_bias.json"
 out = json.loads(result_file.read_text()) if result_file.is_file() else {}
 for features, ds in (t.strip().split("/") for t in cli.tables.split(",")):
-    args = argparse.Namespace(data_root=cli.data_root, cache_dir=None, quiet=True, finetune_epochs=2, out=cli.out,
-                              epochs=None)
+    args = rr.tool_args(cli.data_root, cli.out)
     # The runs trained without decision biases: the defaults row where the preset has none.
     with_bias = rr.settings_for(args, ds, 0, "CaSCLA (defaults)", features).decision_bias != "none"
     variant = "w/o decision biases" if with_bias else "CaSCLA (defaults)"

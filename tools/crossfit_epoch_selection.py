@@ -27,8 +27,7 @@ VARIANT = "CaSCLA (defaults)"
 
 
 def _args(cli) -> argparse.Namespace:
-    return argparse.Namespace(data_root=cli.data_root, cache_dir=None, quiet=True, finetune_epochs=2,
-                              out=cli.out, epochs=None)
+    return rr.tool_args(cli.data_root, cli.out)
 
 
 def train_recording(config, corpus, out: Path, settings) -> None:

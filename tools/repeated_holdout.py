@@ -28,14 +28,11 @@ FEATURES = "frozen"
 
 
 def _args(cli) -> argparse.Namespace:
-    return argparse.Namespace(data_root=cli.data_root, cache_dir=None, quiet=True, finetune_epochs=2, epochs=None)
+    return rr.tool_args(cli.data_root)
 
 
 def _corpus(cli, holdout_seed: int):
-    from cascla_ext.data import load_dataset
-
-    full = load_dataset(cli.dataset, data_dir=str(Path(cli.data_root) / rr.DATA[cli.dataset]),
-                        features=rr.feature_options(_args(cli), FEATURES))
+    full = rr.load_corpus(_args(cli), cli.dataset, FEATURES, holdout=None)
     return full.with_holdout(rr.HOLDOUT, seed=holdout_seed)
 
 

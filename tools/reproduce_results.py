@@ -134,9 +134,17 @@ def feature_options(args, features: str) -> FeatureOptions:
                           finetune_epochs=args.finetune_epochs)
 
 
-def load_corpus(args, ds: str, features: str):
+def load_corpus(args, ds: str, features: str, holdout: float | None = HOLDOUT):
+    """The corpus of a table: its features, with the fixed hold-out set aside (None: all training dialogues)."""
     return load_dataset(ds, data_dir=str(Path(args.data_root) / DATA[ds]), features=feature_options(args, features),
-                        holdout=HOLDOUT)
+                        holdout=holdout)
+
+
+def tool_args(data_root: str, out: str | None = None, finetune_epochs: int = 2) -> argparse.Namespace:
+    """What this script's corpus, run-folder and settings helpers read from its arguments, for the tools
+    beside it: quiet, the default cache, each preset's epochs."""
+    return argparse.Namespace(data_root=data_root, out=out, cache_dir=None, quiet=True,
+                              finetune_epochs=finetune_epochs, epochs=None)
 
 
 def defaults(ds: str, features: str) -> tuple[str, dict, dict]:
